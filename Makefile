@@ -1,0 +1,77 @@
+# Observatory: every target does its own set-up, so `make run` and `make test`
+# work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+BUF_VERSION := 1.75.0
+BUF := tools/node_modules/.bin/buf
+PROTO_FILES := $(wildcard protos/observatory/v1/*.proto)
+
+.PHONY: help install run test lint protos check-protos token migrate bench clean
+
+help:
+	@echo "make run      set up everything and serve on \$${OBSERVATORY_LISTEN:-127.0.0.1:50051}"
+	@echo "make test     set up everything and run the test suite"
+	@echo "make lint     ruff, mypy, buf lint, stale-stub check"
+	@echo "make protos   regenerate generated/ from protos/"
+	@echo "make token    print a dev JWT (ROLE=admin for an admin one, SUB=<uuid> to choose the user)"
+	@echo "make migrate  alembic upgrade head against DATABASE_URL (or the embedded database)"
+	@echo "make bench    run the benchmarks and write bench/results.md"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m server
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+token: $(STAMP)
+	@$(PY) -m server token --role "$${ROLE:-user}" $${SUB:+--sub "$$SUB"}
+
+migrate: $(STAMP)
+	$(PY) -m server migrate
+
+protos: $(STAMP)
+	rm -rf generated
+	mkdir -p generated
+	$(PY) -m grpc_tools.protoc \
+		-I protos \
+		-I "$$($(PY) -c 'import grpc_tools, os; print(os.path.join(os.path.dirname(grpc_tools.__file__), "_proto"))')" \
+		--plugin=protoc-gen-mypy=$(VENV)/bin/protoc-gen-mypy \
+		--plugin=protoc-gen-mypy_grpc=$(VENV)/bin/protoc-gen-mypy_grpc \
+		--python_out=generated --mypy_out=generated \
+		--grpc_python_out=generated --mypy_grpc_out=generated \
+		$(PROTO_FILES)
+	touch generated/observatory/__init__.py generated/observatory/v1/__init__.py
+	touch generated/observatory/py.typed
+
+# Fails when the committed stubs differ from what `make protos` makes.
+check-protos: protos
+	@test -z "$$(git status --porcelain -- generated)" || \
+		{ git status --porcelain -- generated; echo "generated/ is stale: run make protos and commit"; exit 1; }
+
+$(BUF):
+	mkdir -p tools
+	cd tools && npm install --silent --no-audit --no-fund --no-save @bufbuild/buf@$(BUF_VERSION)
+
+lint: $(STAMP) $(BUF)
+	$(VENV)/bin/ruff check server tests bench migrations
+	$(VENV)/bin/ruff format --check server tests bench migrations
+	$(VENV)/bin/mypy
+	cd protos && ../$(BUF) lint
+	$(MAKE) --no-print-directory check-protos
+
+bench: $(STAMP)
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache

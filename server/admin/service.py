@@ -1,0 +1,68 @@
+"""Operator tools: the audit log."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from observatory.v1 import admin_pb2
+
+from server import errors, pagination
+from server.audit import AuditRepository
+from server.auth import Principal
+from server.db import Database
+from server.protoconv import dict_to_struct, optional_uuid, set_timestamp, timestamp_field
+
+
+class AdminService:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def list_audit_log(
+        self, caller: Principal, request: admin_pb2.ListAuditLogRequest
+    ) -> admin_pb2.ListAuditLogResponse:
+        caller.require_admin()
+        user_id = optional_uuid(request.user_id, "user_id")
+        after = timestamp_field(request, "after")
+        before = timestamp_field(request, "before")
+        size = pagination.page_size(request.page_size)
+        token_query = pagination.fingerprint(
+            "ListAuditLog", request.user_id, request.action, str(after), str(before)
+        )
+        page_after = _audit_key(pagination.decode_token(request.page_token, token_query))
+        async with self._db.read() as conn:
+            rows = await AuditRepository(conn).list(
+                user_id=user_id,
+                action=request.action or None,
+                after=after,
+                before=before,
+                page_after=page_after,
+                limit=size + 1,
+            )
+        response = admin_pb2.ListAuditLogResponse()
+        for row in rows[:size]:
+            entry = response.entries.add(
+                id=str(row["id"]),
+                user_id=str(row["user_id"]),
+                action=row["action"],
+                resource=row["resource"],
+            )
+            dict_to_struct(row["detail"], entry.detail)
+            set_timestamp(entry.create_time, row["create_time"])
+        if len(rows) > size:
+            last = rows[size - 1]
+            response.next_page_token = pagination.encode_token(
+                token_query, [last["create_time"].isoformat(), str(last["id"])]
+            )
+        return response
+
+
+def _audit_key(key: list[Any] | None) -> tuple[datetime, uuid.UUID] | None:
+    if key is None:
+        return None
+    try:
+        create_time, entry_id = key
+        return datetime.fromisoformat(create_time), uuid.UUID(entry_id)
+    except (TypeError, ValueError):
+        raise errors.InvalidArgument("page_token", "is not a token this service issued") from None

@@ -1,0 +1,114 @@
+"""`create_server(settings)`: builds the whole service, connects nothing at import."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from observatory.v1 import admin_pb2, admin_pb2_grpc, content_pb2, content_pb2_grpc
+
+from server.admin.service import AdminService
+from server.admin.servicer import AdminServicer
+from server.auth import Authenticator
+from server.content.service import ContentService
+from server.content.servicer import ContentServicer
+from server.db import Database, create_engine
+from server.health import HealthMonitor
+from server.interceptor import ObservatoryInterceptor
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAINTENANCE_INTERVAL_S = 6 * 3600
+
+SERVICE_NAMES = (
+    content_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+)
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # Clients may ping every 10 s, also between calls.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        # Several workers share one port only when asked to.
+        ("grpc.so_reuseport", 1 if settings.workers > 1 else 0),
+    ]
+
+
+@dataclass
+class App:
+    server: grpc.aio.Server
+    port: int
+    db: Database
+    monitor: HealthMonitor
+    content: ContentService
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def stop(self, grace: float | None) -> None:
+        """Health goes NOT_SERVING, in-flight RPCs get `grace` seconds, then
+        the pool closes."""
+        await self.monitor.stop()
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace)
+        await self.db.dispose()
+
+
+async def create_server(settings: Settings, database_url: str) -> App:
+    db = Database(create_engine(settings, database_url))
+    content = ContentService(db)
+    server = grpc.aio.server(
+        interceptors=[ObservatoryInterceptor(Authenticator(settings))],
+        options=server_options(settings),
+    )
+    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content), server)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    if settings.reflection:
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+    port = server.add_insecure_port(settings.listen)
+    monitor = HealthMonitor(db, health, SERVICE_NAMES, settings.health_interval)
+    await monitor.probe()
+    await server.start()
+    monitor.start()
+    app = App(server=server, port=port, db=db, monitor=monitor, content=content)
+    app._tasks.append(
+        asyncio.create_task(_maintain(content, settings.partitions_ahead), name="maintenance")
+    )
+    return app
+
+
+async def _maintain(content: ContentService, months_ahead: int) -> None:
+    """Keeps content partitions ready a year ahead, now and every few hours."""
+    while True:
+        try:
+            made = await content.prepare_partitions(months_ahead)
+            if made:
+                log.info("created content partitions", extra={"count": made})
+        except Exception as exc:  # the database may be down; try again later
+            log.warning("partition maintenance failed", extra={"error": repr(exc)})
+        await asyncio.sleep(MAINTENANCE_INTERVAL_S)

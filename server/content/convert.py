@@ -1,0 +1,182 @@
+"""Content rows <-> protobuf, and the validation of incoming content."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+import uuid
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from observatory.v1 import content_pb2
+
+from server import errors
+from server.protoconv import (
+    dict_to_struct,
+    optional_uuid,
+    set_timestamp,
+    struct_to_dict,
+    timestamp_field,
+)
+
+TEXT_FIELDS = (
+    "platform",
+    "arena",
+    "platform_id",
+    "content_type",
+    "title",
+    "text_content",
+    "url",
+    "language",
+    "author_platform_id",
+    "author_display_name",
+    "collection_run_id",
+)
+COUNT_FIELDS = ("views_count", "likes_count", "shares_count", "comments_count")
+TIME_FIELDS = ("published_at", "collected_at")
+# Every field a client may write; the rest of Content is output only.
+WRITABLE_FIELDS = frozenset(
+    (*TEXT_FIELDS, *COUNT_FIELDS, *TIME_FIELDS, "author_id", "search_terms_matched", "raw_metadata")
+)
+OUTPUT_ONLY_FIELDS = frozenset(
+    ("id", "owner_id", "content_hash", "duplicate_of", "create_time", "update_time", "delete_time")
+)
+# The columns IngestContent and CreateContent write, in COPY order.
+INSERT_COLUMNS = (
+    "owner_id",
+    *TEXT_FIELDS,
+    "published_at",
+    "collected_at",
+    "author_id",
+    *COUNT_FIELDS,
+    "search_terms_matched",
+    "raw_metadata",
+    "content_hash",
+)
+MAX_TEXT = 1_000_000
+_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
+
+
+def content_hash(title: str | None, text_content: str | None) -> str | None:
+    """SHA-256 hex of the normalised text (the body, or the title when there is
+    no body): NFKC, case-folded, whitespace collapsed. None when there is no text."""
+    text = text_content or title
+    if not text:
+        return None
+    normalised = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    if not normalised:
+        return None
+    return hashlib.sha256(normalised.encode()).hexdigest()
+
+
+def _check_text(field: str, value: str) -> str | None:
+    if not value:
+        return None
+    if "\x00" in value:
+        raise errors.InvalidArgument(field, "must not contain NUL characters")
+    if len(value) > MAX_TEXT:
+        raise errors.InvalidArgument(field, f"is longer than {MAX_TEXT} characters")
+    return value
+
+
+def writable_values(
+    message: content_pb2.Content, fields: frozenset[str] = WRITABLE_FIELDS
+) -> dict[str, Any]:
+    """Column values for the writable `fields` of `message`, each validated on its
+    own. Field names in errors are relative to the Content message."""
+    values: dict[str, Any] = {}
+    for name in TEXT_FIELDS:
+        if name in fields:
+            values[name] = _check_text(name, getattr(message, name))
+    if values.get("language") and not _LANGUAGE.match(values["language"]):
+        raise errors.InvalidArgument("language", "must be a BCP 47 tag such as 'en' or 'pt-BR'")
+    if values.get("url"):
+        parts = urlsplit(values["url"])
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise errors.InvalidArgument("url", "must be an absolute http(s) URL")
+    for name in TIME_FIELDS:
+        if name in fields:
+            values[name] = timestamp_field(message, name)
+    for name in COUNT_FIELDS:
+        if name in fields:
+            count = getattr(message, name) if message.HasField(name) else None
+            if count is not None and count < 0:
+                raise errors.InvalidArgument(name, "must not be negative")
+            values[name] = count
+    if "author_id" in fields:
+        values["author_id"] = optional_uuid(message.author_id, "author_id")
+    if "search_terms_matched" in fields:
+        terms = list(message.search_terms_matched)
+        for i, term in enumerate(terms):
+            if "\x00" in term:
+                raise errors.InvalidArgument(
+                    f"search_terms_matched[{i}]", "must not contain NUL characters"
+                )
+        values["search_terms_matched"] = terms
+    if "raw_metadata" in fields:
+        metadata = struct_to_dict(message.raw_metadata)
+        encoded = json.dumps(metadata, separators=(",", ":"))
+        if "\\u0000" in encoded:
+            raise errors.InvalidArgument("raw_metadata", "must not contain NUL characters")
+        values["raw_metadata"] = metadata
+    return values
+
+
+def check_complete(values: Mapping[str, Any]) -> None:
+    """The rules a stored item must satisfy as a whole."""
+    if not values.get("platform"):
+        raise errors.InvalidArgument("platform", "is required")
+    if values.get("published_at") is None:
+        raise errors.InvalidArgument("published_at", "is required")
+    if not (values.get("title") or values.get("text_content") or values.get("url")):
+        raise errors.InvalidArgument("title", "one of title, text_content or url is required")
+
+
+def new_content_values(message: content_pb2.Content, owner_id: uuid.UUID) -> dict[str, Any]:
+    values = writable_values(message)
+    check_complete(values)
+    values["owner_id"] = owner_id
+    values["content_hash"] = content_hash(values["title"], values["text_content"])
+    return values
+
+
+def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...]:
+    """One COPY record (INSERT_COLUMNS order); raw_metadata as JSON text."""
+    values = new_content_values(message, owner_id)
+    values["raw_metadata"] = json.dumps(values["raw_metadata"], separators=(",", ":"))
+    return tuple(values[column] for column in INSERT_COLUMNS)
+
+
+def to_proto(
+    row: Mapping[str, Any], target: content_pb2.Content | None = None
+) -> content_pb2.Content:
+    message = target if target is not None else content_pb2.Content()
+    message.id = str(row["id"])
+    message.owner_id = str(row["owner_id"])
+    for name in TEXT_FIELDS:
+        value = row[name]
+        if value:
+            setattr(message, name, value)
+    for name in COUNT_FIELDS:
+        value = row[name]
+        if value is not None:
+            setattr(message, name, value)
+    for name in (*TIME_FIELDS, "create_time", "update_time", "delete_time"):
+        value = row[name]
+        if value is not None:
+            set_timestamp(getattr(message, name), value)
+    if row["author_id"] is not None:
+        message.author_id = str(row["author_id"])
+    if row["duplicate_of"] is not None:
+        message.duplicate_of = str(row["duplicate_of"])
+    if row["content_hash"]:
+        message.content_hash = row["content_hash"]
+    if row["search_terms_matched"]:
+        message.search_terms_matched.extend(row["search_terms_matched"])
+    metadata = row["raw_metadata"]
+    if metadata:
+        dict_to_struct(metadata, message.raw_metadata)
+    return message

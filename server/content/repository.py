@@ -1,0 +1,220 @@
+"""All SQL for content. Never commits: the caller's unit of work does."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Select,
+    cast,
+    func,
+    literal_column,
+    select,
+    text,
+    tuple_,
+)
+from sqlalchemy.dialects.postgresql import REGCONFIG, insert
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server.content.convert import INSERT_COLUMNS
+from server.db import driver_connection
+from server.tables import CONTENT_TS_CONFIG, content
+
+# Everything but the (large, derived) full-text vector.
+COLUMNS = [column for column in content.c if column.name != "search_vector"]
+STAGING_TABLE = "content_ingest"
+
+
+@dataclass(frozen=True, slots=True)
+class ContentQuery:
+    """A validated ContentFilter plus the caller's scope (owner None: all owners)."""
+
+    owner_id: uuid.UUID | None
+    platforms: Sequence[str] = ()
+    arenas: Sequence[str] = ()
+    languages: Sequence[str] = ()
+    published_after: datetime | None = None
+    published_before: datetime | None = None
+    author_ids: Sequence[uuid.UUID] = ()
+    collection_run_id: str | None = None
+    search_term: str | None = None
+    query: str | None = None
+    show_deleted: bool = False
+
+
+def _tsquery(query: str) -> ColumnElement[Any]:
+    return func.websearch_to_tsquery(cast(CONTENT_TS_CONFIG, REGCONFIG), query)
+
+
+def filter_conditions(q: ContentQuery) -> list[ColumnElement[bool]]:
+    c = content.c
+    conditions: list[ColumnElement[bool]] = []
+    if q.owner_id is not None:
+        conditions.append(c.owner_id == q.owner_id)
+    if not q.show_deleted:
+        conditions.append(c.delete_time.is_(None))
+    if q.platforms:
+        conditions.append(c.platform.in_(q.platforms))
+    if q.arenas:
+        conditions.append(c.arena.in_(q.arenas))
+    if q.languages:
+        conditions.append(c.language.in_(q.languages))
+    if q.published_after is not None:
+        conditions.append(c.published_at >= q.published_after)
+    if q.published_before is not None:
+        conditions.append(c.published_at < q.published_before)
+    if q.author_ids:
+        conditions.append(c.author_id.in_(q.author_ids))
+    if q.collection_run_id:
+        conditions.append(c.collection_run_id == q.collection_run_id)
+    if q.search_term:
+        conditions.append(c.search_terms_matched.contains([q.search_term]))
+    if q.query:
+        conditions.append(c.search_vector.bool_op("@@")(_tsquery(q.query)))
+    return conditions
+
+
+class ContentRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    def _scoped(
+        self, content_id: uuid.UUID, owner_id: uuid.UUID | None
+    ) -> list[ColumnElement[bool]]:
+        conditions = [content.c.id == content_id]
+        if owner_id is not None:
+            conditions.append(content.c.owner_id == owner_id)
+        return conditions
+
+    async def get(
+        self, content_id: uuid.UUID, owner_id: uuid.UUID | None, *, for_update: bool = False
+    ) -> RowMapping | None:
+        query = select(*COLUMNS).where(*self._scoped(content_id, owner_id))
+        if for_update:
+            query = query.with_for_update()
+        return (await self._conn.execute(query)).mappings().first()
+
+    async def insert(self, values: dict[str, Any]) -> RowMapping | None:
+        """The new row, or None when the natural key is taken."""
+        statement = (
+            insert(content)
+            .values(**values)
+            .on_conflict_do_nothing(
+                index_elements=["owner_id", "platform", "platform_id", "published_at"]
+            )
+            .returning(*COLUMNS)
+        )
+        return (await self._conn.execute(statement)).mappings().first()
+
+    async def update(
+        self, content_id: uuid.UUID, owner_id: uuid.UUID | None, values: dict[str, Any]
+    ) -> RowMapping | None:
+        statement = (
+            content.update()
+            .where(*self._scoped(content_id, owner_id))
+            .values(**values, update_time=func.now())
+            .returning(*COLUMNS)
+        )
+        return (await self._conn.execute(statement)).mappings().first()
+
+    async def natural_key_taken(
+        self,
+        owner_id: uuid.UUID,
+        platform: str,
+        platform_id: str | None,
+        published_at: datetime,
+        other_than: uuid.UUID,
+    ) -> bool:
+        if platform_id is None:
+            return False
+        query = select(literal_column("1")).where(
+            content.c.owner_id == owner_id,
+            content.c.platform == platform,
+            content.c.platform_id == platform_id,
+            content.c.published_at == published_at,
+            content.c.id != other_than,
+        )
+        return (await self._conn.execute(query)).first() is not None
+
+    async def set_deleted(
+        self, content_id: uuid.UUID, owner_id: uuid.UUID | None, deleted: bool
+    ) -> RowMapping | None:
+        """Soft-deletes (or restores) a live (or deleted) row; None when no row
+        in that state exists."""
+        state = content.c.delete_time.is_(None) if deleted else content.c.delete_time.isnot(None)
+        statement = (
+            content.update()
+            .where(*self._scoped(content_id, owner_id), state)
+            .values(delete_time=func.now() if deleted else None, update_time=func.now())
+            .returning(*COLUMNS)
+        )
+        return (await self._conn.execute(statement)).mappings().first()
+
+    async def list(
+        self, q: ContentQuery, *, after: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[RowMapping]:
+        query: Select[Any] = select(*COLUMNS).where(*filter_conditions(q))
+        if after is not None:
+            query = query.where(tuple_(content.c.published_at, content.c.id) < tuple_(*after))
+        query = query.order_by(content.c.published_at.desc(), content.c.id.desc()).limit(limit)
+        return list((await self._conn.execute(query)).mappings())
+
+    async def search(
+        self, q: ContentQuery, *, after: tuple[float, uuid.UUID] | None, limit: int
+    ) -> list[RowMapping]:
+        """Rows matching q.query with `rank` and `snippet`, best rank first."""
+        assert q.query
+        tsquery = _tsquery(q.query)
+        rank = cast(func.ts_rank_cd(content.c.search_vector, tsquery), Float).label("rank")
+        ranked = select(*COLUMNS, rank).where(*filter_conditions(q)).subquery("ranked")
+        query = select(
+            *ranked.c,
+            func.ts_headline(
+                cast(CONTENT_TS_CONFIG, REGCONFIG),
+                func.coalesce(func.nullif(ranked.c.text_content, ""), ranked.c.title, ""),
+                tsquery,
+                "StartSel=<b>, StopSel=</b>, MaxWords=35, MinWords=15, MaxFragments=2",
+            ).label("snippet"),
+        )
+        if after is not None:
+            query = query.where(tuple_(ranked.c.rank, ranked.c.id) < tuple_(*after))
+        query = query.order_by(ranked.c.rank.desc(), ranked.c.id.desc()).limit(limit)
+        return list((await self._conn.execute(query)).mappings())
+
+    async def ensure_partitions(self, first_month: date, months: int) -> int:
+        result = await self._conn.execute(
+            select(func.content_ensure_partitions(first_month, months))
+        )
+        return int(result.scalar_one())
+
+    # -- bulk ingest -------------------------------------------------------------
+
+    async def create_staging(self) -> None:
+        """A session-private table for COPY, dropped when the transaction ends."""
+        columns = ", ".join(INSERT_COLUMNS)
+        await self._conn.execute(
+            text(
+                f"CREATE TEMP TABLE {STAGING_TABLE} ON COMMIT DROP AS "
+                f"SELECT {columns} FROM content WITH NO DATA"
+            )
+        )
+
+    async def ingest_batch(self, records: Sequence[tuple[Any, ...]]) -> int:
+        """COPYs `records` into staging and moves them into content in one
+        statement; returns how many were new (the rest clashed on the natural key)."""
+        driver = await driver_connection(self._conn)
+        await driver.copy_records_to_table(STAGING_TABLE, records=records, columns=INSERT_COLUMNS)
+        columns = ", ".join(INSERT_COLUMNS)
+        status = await driver.execute(
+            f"INSERT INTO content ({columns}) SELECT {columns} FROM {STAGING_TABLE} "
+            "ON CONFLICT (owner_id, platform, platform_id, published_at) DO NOTHING"
+        )
+        await driver.execute(f"TRUNCATE {STAGING_TABLE}")
+        return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,64 @@
+"""ContentService over gRPC: proto in, service call, proto out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from observatory.v1 import content_pb2, content_pb2_grpc
+
+from server.auth import principal
+from server.content.service import ContentService
+from server.protoconv import parse_uuid
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class ContentServicer(content_pb2_grpc.ContentServiceServicer):
+    def __init__(self, service: ContentService) -> None:
+        self._service = service
+
+    async def CreateContent(
+        self, request: content_pb2.CreateContentRequest, context: Context
+    ) -> content_pb2.Content:
+        return await self._service.create(principal(), request.content, request.request_id)
+
+    async def GetContent(
+        self, request: content_pb2.GetContentRequest, context: Context
+    ) -> content_pb2.Content:
+        return await self._service.get(principal(), parse_uuid(request.id, "id"))
+
+    async def ListContent(
+        self, request: content_pb2.ListContentRequest, context: Context
+    ) -> content_pb2.ListContentResponse:
+        return await self._service.list(principal(), request)
+
+    async def UpdateContent(
+        self, request: content_pb2.UpdateContentRequest, context: Context
+    ) -> content_pb2.Content:
+        return await self._service.update(principal(), request.content, request.update_mask)
+
+    async def DeleteContent(
+        self, request: content_pb2.DeleteContentRequest, context: Context
+    ) -> content_pb2.Content:
+        return await self._service.set_deleted(
+            principal(), parse_uuid(request.id, "id"), deleted=True
+        )
+
+    async def UndeleteContent(
+        self, request: content_pb2.UndeleteContentRequest, context: Context
+    ) -> content_pb2.Content:
+        return await self._service.set_deleted(
+            principal(), parse_uuid(request.id, "id"), deleted=False
+        )
+
+    async def SearchContent(
+        self, request: content_pb2.SearchContentRequest, context: Context
+    ) -> content_pb2.SearchContentResponse:
+        return await self._service.search(principal(), request)
+
+    async def IngestContent(
+        self, request_iterator: AsyncIterator[content_pb2.IngestContentRequest], context: Context
+    ) -> content_pb2.IngestContentResponse:
+        return await self._service.ingest(principal(), request_iterator)

@@ -1,0 +1,188 @@
+"""Engine construction, units of work, and database error classification."""
+
+from __future__ import annotations
+
+import ssl as ssl_module
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import sqlalchemy.exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from server import errors
+from server.settings import Settings
+
+# libpq's sslmode names are also what asyncpg's `ssl` argument takes.
+_SSL_MODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+# libpq-only parameters that asyncpg does not understand; dropped with no effect
+# on security (asyncpg negotiates SCRAM channel binding on its own when it can).
+_DROPPED_PARAMS = {"channel_binding", "gssencmode", "target_session_attrs", "pgbouncer"}
+
+
+def normalize_database_url(raw: str) -> tuple[URL, dict[str, Any]]:
+    """Turn any of postgres://, postgresql://, postgresql+asyncpg:// into an
+    asyncpg SQLAlchemy URL plus the connect arguments its query implied."""
+    url = make_url(
+        raw.replace("postgres://", "postgresql://", 1) if raw.startswith("postgres://") else raw
+    )
+    if url.get_backend_name() != "postgresql":
+        raise ValueError(f"DATABASE_URL must be a PostgreSQL URL, not {url.get_backend_name()!r}")
+    query = dict(url.query)
+    connect_args: dict[str, Any] = {}
+    sslmode = query.pop("sslmode", None) or query.pop("ssl", None)
+    if sslmode is not None:
+        mode = str(sslmode)
+        if mode not in _SSL_MODES:
+            raise ValueError(f"unknown sslmode {mode!r}")
+        if mode != "disable":
+            root_cert = query.pop("sslrootcert", None)
+            if root_cert and mode in {"verify-ca", "verify-full"}:
+                context = ssl_module.create_default_context(cafile=str(root_cert))
+                context.check_hostname = mode == "verify-full"
+                connect_args["ssl"] = context
+            else:
+                connect_args["ssl"] = mode
+        else:
+            connect_args["ssl"] = False
+    if "application_name" in query:
+        connect_args["server_settings"] = {"application_name": str(query.pop("application_name"))}
+    if "connect_timeout" in query:
+        connect_args["timeout"] = float(str(query.pop("connect_timeout")))
+    for name in _DROPPED_PARAMS:
+        query.pop(name, None)
+    return url.set(drivername="postgresql+asyncpg", query=query), connect_args
+
+
+def wants_pgbouncer(raw: str) -> bool:
+    return str(
+        make_url(raw.replace("postgres://", "postgresql://", 1)).query.get("pgbouncer", "")
+    ).lower() in {
+        "1",
+        "true",
+        "yes",
+    }
+
+
+def create_engine(settings: Settings, database_url: str) -> AsyncEngine:
+    url, connect_args = normalize_database_url(database_url)
+    connect_args.setdefault("server_settings", {}).setdefault("application_name", "observatory")
+    engine_args: dict[str, Any] = {}
+    if settings.pgbouncer or wants_pgbouncer(database_url):
+        # Transaction-mode poolers hand each transaction a different backend:
+        # no statement caches, and unique names for the unnamed statements.
+        connect_args["statement_cache_size"] = 0
+        connect_args["prepared_statement_cache_size"] = 0
+        connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid.uuid4()}__"
+    return create_async_engine(
+        url,
+        pool_size=settings.pool_size,
+        max_overflow=settings.max_overflow,
+        pool_timeout=settings.pool_timeout,
+        pool_recycle=settings.pool_recycle,
+        connect_args=connect_args,
+        **engine_args,
+    )
+
+
+class Database:
+    """Hands out one connection and one transaction per unit of work.
+
+    The context managers commit when the block succeeds and roll back on any
+    error; nothing else in the code base commits.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        async with self.engine.begin() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def read(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
+        """A READ ONLY transaction; `snapshot` makes it REPEATABLE READ, so every
+        statement in it sees the same data."""
+        async with self.engine.connect() as conn:
+            options: dict[str, Any] = {"postgresql_readonly": True}
+            if snapshot:
+                options["isolation_level"] = "REPEATABLE READ"
+            await conn.execution_options(**options)
+            async with conn.begin():
+                yield conn
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
+    """The raw asyncpg connection under `conn`, for COPY and server-side cursors.
+    Inside `Database.write()`/`read()` its transaction is already open once a
+    statement has run through `conn`."""
+    raw = await conn.get_raw_connection()
+    driver = raw.driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    return driver
+
+
+# SQLSTATE classes and codes that mean "the database is not there right now".
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400"}
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    for candidate in (exc, getattr(exc, "orig", None), getattr(exc, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str):
+            return code
+    orig = getattr(exc, "orig", None)
+    cause = getattr(orig, "__cause__", None)
+    code = getattr(cause, "sqlstate", None)
+    return code if isinstance(code, str) else None
+
+
+def classify_database_error(exc: BaseException) -> errors.ObservatoryError | None:
+    """Map a driver or pool exception to the error a client should see, or None
+    when it is not a database condition (then it is a bug)."""
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return errors.Unavailable("no database connection became free in time")
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return errors.Unavailable("the database connection was lost")
+    sqlstate = _sqlstate(exc)
+    if sqlstate is not None:
+        if sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES:
+            return errors.Unavailable("the database is unavailable")
+        if sqlstate in {"40001", "40P01", "55P03"}:
+            return errors.Aborted("the transaction conflicted with another one; retry it")
+        if sqlstate == "57014":
+            return errors.DeadlineExceeded("the statement was cancelled")
+        if sqlstate == "23505":
+            return errors.AlreadyExists("a row with the same unique key already exists")
+        if sqlstate.startswith("22"):
+            return errors.InvalidArgument(
+                "", "a value is out of range or malformed for the database"
+            )
+        return None
+    interface_errors: tuple[type[BaseException], ...] = (
+        OSError,
+        ConnectionError,
+        asyncpg.exceptions.InterfaceError,
+        asyncpg.exceptions.ConnectionDoesNotExistError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.PostgresConnectionError,
+    )
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, interface_errors):
+            return errors.Unavailable("the database is unavailable")
+        if isinstance(cause, sqlalchemy.exc.InterfaceError | sqlalchemy.exc.OperationalError):
+            return errors.Unavailable("the database is unavailable")
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return None

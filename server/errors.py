@@ -1,0 +1,95 @@
+"""The service's error hierarchy. Each error carries its gRPC status and its
+stable ErrorInfo reason; `interceptor.py` turns them into statuses in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import grpc
+
+DOMAIN = "observatory.v1"
+
+
+class ObservatoryError(Exception):
+    """An expected failure that a client can act on."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        field_violations: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if reason is not None:
+            self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations)
+
+
+class InvalidArgument(ObservatoryError):
+    """Bad input. Always names the offending field path."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    reason = "INVALID_FIELD"
+
+    def __init__(self, field: str, description: str, *, reason: str | None = None) -> None:
+        super().__init__(
+            f"{field}: {description}" if field else description,
+            reason=reason,
+            field_violations=[(field, description)],
+        )
+        self.field = field
+
+
+class RequestIdReused(InvalidArgument):
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self) -> None:
+        super().__init__("request_id", "this request_id was already used with a different payload")
+
+
+class Unauthenticated(ObservatoryError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ObservatoryError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
+
+
+class NotFound(ObservatoryError):
+    code = grpc.StatusCode.NOT_FOUND
+    reason = "NOT_FOUND"
+
+
+class AlreadyExists(ObservatoryError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+    reason = "ALREADY_EXISTS"
+
+
+class FailedPrecondition(ObservatoryError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    reason = "FAILED_PRECONDITION"
+
+
+class Aborted(ObservatoryError):
+    code = grpc.StatusCode.ABORTED
+    reason = "ABORTED"
+
+
+class Unavailable(ObservatoryError):
+    code = grpc.StatusCode.UNAVAILABLE
+    reason = "DATABASE_UNAVAILABLE"
+
+
+class DeadlineExceeded(ObservatoryError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"

@@ -1,0 +1,105 @@
+"""AIP-155 request IDs: a retry with the same request_id and payload gets the
+first answer back and changes nothing; another payload is REQUEST_ID_REUSED."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from google.protobuf.message import Message
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from server import errors
+from server.auth import Principal
+from server.protoconv import parse_uuid
+from server.tables import idempotency_keys
+
+M = TypeVar("M", bound=Message)
+
+
+def request_hash(method: str, *parts: Message | bytes) -> bytes:
+    """A digest of what the request asks for (the request_id itself excluded)."""
+    digest = hashlib.sha256(method.encode())
+    for part in parts:
+        digest.update(
+            part.SerializeToString(deterministic=True) if isinstance(part, Message) else part
+        )
+    return digest.digest()
+
+
+class IdempotencyRepository:
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+
+    async def claim(
+        self, owner: uuid.UUID, request_id: uuid.UUID, method: str, digest: bytes
+    ) -> bool:
+        """Takes the key for this transaction; False when it was already taken.
+        A concurrent claim waits here until the first transaction ends."""
+        result = await self._conn.execute(
+            insert(idempotency_keys)
+            .values(owner_id=owner, request_id=request_id, method=method, request_hash=digest)
+            .on_conflict_do_nothing()
+            .returning(idempotency_keys.c.request_id)
+        )
+        return result.first() is not None
+
+    async def stored(
+        self, owner: uuid.UUID, request_id: uuid.UUID
+    ) -> tuple[str, bytes, bytes | None]:
+        row = (
+            await self._conn.execute(
+                select(
+                    idempotency_keys.c.method,
+                    idempotency_keys.c.request_hash,
+                    idempotency_keys.c.response,
+                ).where(
+                    idempotency_keys.c.owner_id == owner,
+                    idempotency_keys.c.request_id == request_id,
+                )
+            )
+        ).one()
+        return row.method, row.request_hash, row.response
+
+    async def save_response(
+        self, owner: uuid.UUID, request_id: uuid.UUID, response: bytes, digest: bytes | None = None
+    ) -> None:
+        values: dict[str, bytes] = {"response": response}
+        if digest is not None:
+            values["request_hash"] = digest
+        await self._conn.execute(
+            idempotency_keys.update()
+            .where(
+                idempotency_keys.c.owner_id == owner, idempotency_keys.c.request_id == request_id
+            )
+            .values(**values)
+        )
+
+
+async def once(
+    conn: AsyncConnection,
+    caller: Principal,
+    request_id: str,
+    method: str,
+    digest: bytes,
+    response_type: type[M],
+    work: Callable[[], Awaitable[M]],
+) -> M:
+    """Runs `work` unless this caller already ran the same request under
+    `request_id`, in which case the first response is returned."""
+    if not request_id:
+        return await work()
+    key = parse_uuid(request_id, "request_id")
+    repo = IdempotencyRepository(conn)
+    if await repo.claim(caller.user_id, key, method, digest):
+        response = await work()
+        await repo.save_response(caller.user_id, key, response.SerializeToString())
+        return response
+    stored_method, stored_hash, stored_response = await repo.stored(caller.user_id, key)
+    if stored_method != method or stored_hash != digest or stored_response is None:
+        raise errors.RequestIdReused()
+    return response_type.FromString(stored_response)

@@ -1,0 +1,39 @@
+"""Runtime settings, read from the environment in one place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob the service reads. Field aliases are the environment names."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    listen: str = Field("127.0.0.1:50051", alias="OBSERVATORY_LISTEN")
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    data_dir: Path = Field(Path(".data"), alias="OBSERVATORY_DATA_DIR")
+    jwt_secret: str | None = Field(None, alias="OBSERVATORY_JWT_SECRET")
+    jwt_public_key: str | None = Field(None, alias="OBSERVATORY_JWT_PUBLIC_KEY")
+    pool_size: int = Field(5, alias="DATABASE_POOL_SIZE", ge=1)
+    max_overflow: int = Field(10, alias="DATABASE_MAX_OVERFLOW", ge=0)
+    pool_timeout: float = Field(30.0, alias="DATABASE_POOL_TIMEOUT", gt=0)
+    pool_recycle: int = Field(3600, alias="DATABASE_POOL_RECYCLE")
+    # PgBouncer in transaction mode cannot keep prepared statements.
+    pgbouncer: bool = Field(False, alias="DATABASE_PGBOUNCER")
+    workers: int = Field(1, alias="OBSERVATORY_WORKERS", ge=1)
+    reflection: bool = Field(True, alias="OBSERVATORY_REFLECTION")
+    health_interval: float = Field(1.0, alias="OBSERVATORY_HEALTH_INTERVAL", gt=0)
+    shutdown_grace: float = Field(10.0, alias="OBSERVATORY_SHUTDOWN_GRACE", ge=0)
+    log_level: str = Field(
+        "INFO", validation_alias=AliasChoices("OBSERVATORY_LOG_LEVEL", "LOG_LEVEL")
+    )
+    # Months of content partitions kept ready ahead of today.
+    partitions_ahead: int = Field(12, alias="OBSERVATORY_PARTITIONS_AHEAD", ge=1)
+
+    @property
+    def uses_embedded_database(self) -> bool:
+        return not self.database_url

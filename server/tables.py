@@ -1,0 +1,138 @@
+"""SQLAlchemy Core tables, shared by the repositories and by Alembic."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Computed,
+    DateTime,
+    Index,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR, UUID
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# Full-text configuration for content. 'simple' lower-cases and splits words
+# without stemming, so it treats every language the same.
+CONTENT_TS_CONFIG = "simple"
+CONTENT_SEARCH_VECTOR = (
+    "setweight(to_tsvector('simple'::regconfig, coalesce(title, '')), 'A') || "
+    "setweight(to_tsvector('simple'::regconfig, coalesce(text_content, '')), 'B')"
+)
+
+
+def _uuid_pk_default() -> object:
+    return text("uuidv7()")
+
+
+content = Table(
+    "content",
+    metadata,
+    Column("id", UUID(as_uuid=True), nullable=False, server_default=_uuid_pk_default()),
+    Column("owner_id", UUID(as_uuid=True), nullable=False),
+    Column("platform", Text, nullable=False),
+    Column("arena", Text),
+    Column("platform_id", Text),
+    Column("content_type", Text),
+    Column("title", Text),
+    Column("text_content", Text),
+    Column("url", Text),
+    Column("language", Text),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+    Column("collected_at", DateTime(timezone=True)),
+    Column("author_platform_id", Text),
+    Column("author_display_name", Text),
+    Column("author_id", UUID(as_uuid=True)),
+    Column("views_count", BigInteger),
+    Column("likes_count", BigInteger),
+    Column("shares_count", BigInteger),
+    Column("comments_count", BigInteger),
+    Column("search_terms_matched", ARRAY(Text), nullable=False, server_default=text("'{}'")),
+    Column("raw_metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("collection_run_id", Text),
+    Column("content_hash", String(64)),
+    Column("duplicate_of", UUID(as_uuid=True)),
+    Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    Column("delete_time", DateTime(timezone=True)),
+    Column("search_vector", TSVECTOR, Computed(CONTENT_SEARCH_VECTOR, persisted=True)),
+    PrimaryKeyConstraint("id", "published_at"),
+    UniqueConstraint("owner_id", "platform", "platform_id", "published_at"),
+    postgresql_partition_by="RANGE (published_at)",
+)
+
+Index(
+    "ix_content_owner_published",
+    content.c.owner_id,
+    content.c.published_at.desc(),
+    content.c.id.desc(),
+)
+Index("ix_content_published", content.c.published_at.desc(), content.c.id.desc())
+Index(
+    "ix_content_owner_platform",
+    content.c.owner_id,
+    content.c.platform,
+    content.c.published_at.desc(),
+)
+Index("ix_content_owner_arena", content.c.owner_id, content.c.arena, content.c.published_at.desc())
+Index("ix_content_owner_language", content.c.owner_id, content.c.language)
+Index("ix_content_author", content.c.author_id, postgresql_where=content.c.author_id.isnot(None))
+Index(
+    "ix_content_collection_run",
+    content.c.collection_run_id,
+    postgresql_where=content.c.collection_run_id.isnot(None),
+)
+Index("ix_content_hash", content.c.owner_id, content.c.content_hash)
+Index("ix_content_search_terms", content.c.search_terms_matched, postgresql_using="gin")
+Index(
+    "ix_content_raw_metadata",
+    content.c.raw_metadata,
+    postgresql_using="gin",
+    postgresql_ops={"raw_metadata": "jsonb_path_ops"},
+)
+Index("ix_content_search_vector", content.c.search_vector, postgresql_using="gin")
+
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True, server_default=_uuid_pk_default()),
+    Column("user_id", UUID(as_uuid=True), nullable=False),
+    Column("action", Text, nullable=False),
+    Column("resource", Text, nullable=False),
+    Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
+    Column("request_id", Text),
+    Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+Index("ix_audit_log_time", audit_log.c.create_time.desc(), audit_log.c.id.desc())
+Index("ix_audit_log_user_time", audit_log.c.user_id, audit_log.c.create_time.desc())
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("owner_id", UUID(as_uuid=True), nullable=False),
+    Column("request_id", UUID(as_uuid=True), nullable=False),
+    Column("method", Text, nullable=False),
+    Column("request_hash", LargeBinary, nullable=False),
+    Column("response", LargeBinary),
+    Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("owner_id", "request_id"),
+)
+Index("ix_idempotency_keys_create_time", idempotency_keys.c.create_time)
