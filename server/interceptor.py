@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
@@ -27,7 +27,7 @@ log = logging.getLogger("observatory.rpc")
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 REQUEST_ID_KEY = "x-request-id"
 
-Handler = grpc.RpcMethodHandler
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Deserializer = Callable[[bytes], Any]
 
 
@@ -53,7 +53,8 @@ def to_status(exc: errors.ObservatoryError, request_id: str) -> grpc.Status:
         holder.Pack(detail)
         packed.append(holder)
     status = status_pb2.Status(code=exc.code.value[0], message=exc.message, details=packed)
-    return rpc_status.to_status(status)
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
 
 
 def as_observatory_error(exc: BaseException) -> errors.ObservatoryError | None:
@@ -82,10 +83,10 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    ) -> Handler | None:
+        method: str = handler_call_details.method
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler

@@ -19,6 +19,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR, UUID
+from sqlalchemy.sql.elements import TextClause
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -39,7 +40,7 @@ CONTENT_SEARCH_VECTOR = (
 )
 
 
-def _uuid_pk_default() -> object:
+def _uuid_pk_default() -> TextClause:
     return text("uuidv7()")
 
 

@@ -1,0 +1,82 @@
+"""Alembic migrations: upgrade, downgrade, upgrade again; partitions."""
+
+import asyncio
+import os
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from server import migrate
+
+pytestmark = pytest.mark.asyncio
+
+
+async def _tables(url: str) -> set[str]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+        return {row["tablename"] for row in rows}
+    finally:
+        await conn.close()
+
+
+@pytest_asyncio.fixture
+async def scratch_url(postgres):
+    if postgres.embedded is None:
+        pytest.skip("needs the embedded server to make a scratch database")
+    name = f"observatory_migrations_{os.getpid()}"
+    url = await asyncio.to_thread(postgres.embedded.ensure_database, name, fresh=True)
+    yield url
+    await asyncio.to_thread(postgres.embedded.drop_database, name)
+
+
+async def test_upgrade_downgrade_upgrade(scratch_url):
+    await asyncio.to_thread(migrate.upgrade, scratch_url)
+    tables = await _tables(scratch_url)
+    assert {"content", "content_default", "audit_log", "idempotency_keys"} <= tables
+    this_month = "content_p" + datetime.now(UTC).strftime("%Y%m")
+    assert this_month in tables
+
+    await asyncio.to_thread(migrate.downgrade, scratch_url, "base")
+    assert await _tables(scratch_url) == {"alembic_version"}
+
+    await asyncio.to_thread(migrate.upgrade, scratch_url)
+    assert {"content", "audit_log", "idempotency_keys", this_month} <= await _tables(scratch_url)
+
+
+async def test_partitions_reach_a_year_ahead(db):
+    now = datetime.now(UTC)
+    months = []
+    year, month = now.year, now.month
+    for _ in range(13):
+        months.append(f"content_p{year:04d}{month:02d}")
+        year, month = (year + 1, 1) if month == 12 else (year, month + 1)
+    present = {
+        row["relname"]
+        for row in await db.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'content'::regclass"
+        )
+    }
+    assert set(months) <= present
+
+
+async def test_new_partition_takes_its_rows_out_of_the_default_partition(db):
+    owner = uuid.uuid4()
+    far = datetime(2091, 5, 17, 12, 0, tzinfo=UTC)
+    await db.execute(
+        "INSERT INTO content (owner_id, platform, title, published_at) VALUES ($1, 'test', 'far future', $2)",
+        owner,
+        far,
+    )
+    where = "SELECT tableoid::regclass::text FROM content WHERE owner_id = $1"
+    assert await db.fetchval(where, owner) == "content_default"
+
+    made = await db.fetchval("SELECT content_ensure_partitions($1::date, 1)", far.date())
+
+    assert made == 1
+    assert await db.fetchval(where, owner) == "content_p209105"
+    assert await db.fetchval("SELECT count(*) FROM content WHERE owner_id = $1", owner) == 1
