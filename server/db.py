@@ -10,8 +10,10 @@ from typing import Any
 
 import asyncpg
 import sqlalchemy.exc
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ClauseElement
 
 from server import errors
 from server.settings import Settings
@@ -104,14 +106,21 @@ class Database:
             yield conn
 
     @asynccontextmanager
-    async def read(self, *, snapshot: bool = False) -> AsyncIterator[AsyncConnection]:
-        """A READ ONLY transaction; `snapshot` makes it REPEATABLE READ, so every
-        statement in it sees the same data."""
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that need one statement each: every statement
+        is its own consistent read, with no BEGIN/COMMIT round trips."""
         async with self.engine.connect() as conn:
-            options: dict[str, Any] = {"postgresql_readonly": True}
-            if snapshot:
-                options["isolation_level"] = "REPEATABLE READ"
-            await conn.execution_options(**options)
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
+        """A REPEATABLE READ READ ONLY transaction: every statement in it sees
+        the same data."""
+        async with self.engine.connect() as conn:
+            await conn.execution_options(
+                isolation_level="REPEATABLE READ", postgresql_readonly=True
+            )
             async with conn.begin():
                 yield conn
 
@@ -131,6 +140,38 @@ async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     driver = raw.driver_connection
     assert isinstance(driver, asyncpg.Connection)
     return driver
+
+
+class PreparedStatement:
+    """A fixed-shape Core statement, compiled once for asyncpg and run as a
+    server-side prepared statement on the driver connection: the fast path for
+    hot reads, skipping SQLAlchemy's per-execution work. Parameters are the
+    statement's `bindparam` names."""
+
+    _dialect = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+    def __init__(self, statement: ClauseElement) -> None:
+        compiled = statement.compile(dialect=self._dialect)
+        self.sql = compiled.string
+        self._names = tuple(getattr(compiled, "positiontup", None) or ())
+
+    async def fetchrow(self, conn: AsyncConnection, **params: Any) -> asyncpg.Record | None:
+        driver = await self._driver(conn)
+        return await driver.fetchrow(self.sql, *(params[name] for name in self._names))
+
+    async def fetch(self, conn: AsyncConnection, **params: Any) -> list[asyncpg.Record]:
+        driver = await self._driver(conn)
+        return list(await driver.fetch(self.sql, *(params[name] for name in self._names)))
+
+    @staticmethod
+    async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
+        driver = await driver_connection(conn)
+        # SQLAlchemy opens its transaction lazily, at its first statement; one
+        # of ours must not run ahead of it, outside the unit of work.
+        assert not conn.in_transaction() or driver.is_in_transaction(), (
+            "a PreparedStatement cannot be the first statement of a transaction"
+        )
+        return driver
 
 
 # SQLSTATE classes and codes that mean "the database is not there right now".

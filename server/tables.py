@@ -32,11 +32,14 @@ NAMING_CONVENTION = {
 metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 # Full-text configuration for content. 'simple' lower-cases and splits words
-# without stemming, so it treats every language the same.
+# without stemming, so it treats every language the same. Only the first 10,000
+# characters of the title and 100,000 of the text are indexed: at worst about
+# five bytes of tsvector per character, that stays under PostgreSQL's 1 MB limit
+# for one tsvector, so no text a client may send can make the row unstorable.
 CONTENT_TS_CONFIG = "simple"
 CONTENT_SEARCH_VECTOR = (
-    "setweight(to_tsvector('simple'::regconfig, coalesce(title, '')), 'A') || "
-    "setweight(to_tsvector('simple'::regconfig, coalesce(text_content, '')), 'B')"
+    "setweight(to_tsvector('simple'::regconfig, left(coalesce(title, ''), 10000)), 'A') || "
+    "setweight(to_tsvector('simple'::regconfig, left(coalesce(text_content, ''), 100000)), 'B')"
 )
 
 

@@ -1,5 +1,6 @@
 """Bearer JWT authentication in front of every RPC but health and reflection."""
 
+import asyncio
 import time
 import uuid
 
@@ -140,3 +141,14 @@ async def test_reflection_can_be_switched_off(rs256_server):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _list_services(channel)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_token_accepted_before_is_refused_once_it_expires(content_stub):
+    token = jwt.encode(
+        {"sub": str(uuid.uuid4()), "exp": int(time.time()) + 2}, TEST_SECRET, algorithm="HS256"
+    )
+    await _create(content_stub, _metadata(token))
+    await asyncio.sleep(
+        max(0.0, jwt.decode(token, TEST_SECRET, algorithms=["HS256"])["exp"] - time.time()) + 0.2
+    )
+    assert "expired" in await _unauthenticated(content_stub, _metadata(token))

@@ -71,8 +71,8 @@ $fn$;
 """
 
 SEARCH_VECTOR = (
-    "setweight(to_tsvector('simple'::regconfig, coalesce(title, '')), 'A') || "
-    "setweight(to_tsvector('simple'::regconfig, coalesce(text_content, '')), 'B')"
+    "setweight(to_tsvector('simple'::regconfig, left(coalesce(title, ''), 10000)), 'A') || "
+    "setweight(to_tsvector('simple'::regconfig, left(coalesce(text_content, ''), 100000)), 'B')"
 )
 
 

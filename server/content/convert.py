@@ -57,7 +57,19 @@ INSERT_COLUMNS = (
     "content_hash",
 )
 MAX_TEXT = 1_000_000
-_LANGUAGE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*$")
+# Fields in B-tree or GIN indexes, in UTF-8 bytes. PostgreSQL refuses an index
+# entry above about 2,700 bytes, and the natural key holds platform and
+# platform_id together.
+MAX_KEY_BYTES = 2000
+MAX_INDEXED_BYTES = {
+    "platform": 255,
+    "arena": 255,
+    "language": 255,
+    "platform_id": MAX_KEY_BYTES,
+    "collection_run_id": MAX_KEY_BYTES,
+}
+_LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def content_hash(title: str | None, text_content: str | None) -> str | None:
@@ -79,7 +91,23 @@ def _check_text(field: str, value: str) -> str | None:
         raise errors.InvalidArgument(field, "must not contain NUL characters")
     if len(value) > MAX_TEXT:
         raise errors.InvalidArgument(field, f"is longer than {MAX_TEXT} characters")
+    limit = MAX_INDEXED_BYTES.get(field)
+    if limit is not None and len(value.encode()) > limit:
+        raise errors.InvalidArgument(field, f"is longer than {limit} bytes (UTF-8)")
     return value
+
+
+def _check_url(url: str) -> None:
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        host = None
+    else:
+        if parts.scheme not in ("http", "https"):
+            host = None
+    if not host or _CONTROL.search(url) or " " in host:
+        raise errors.InvalidArgument("url", "must be an absolute http(s) URL")
 
 
 def writable_values(
@@ -91,18 +119,16 @@ def writable_values(
     for name in TEXT_FIELDS:
         if name in fields:
             values[name] = _check_text(name, getattr(message, name))
-    if values.get("language") and not _LANGUAGE.match(values["language"]):
+    if values.get("language") and not _LANGUAGE.fullmatch(values["language"]):
         raise errors.InvalidArgument("language", "must be a BCP 47 tag such as 'en' or 'pt-BR'")
     if values.get("url"):
-        parts = urlsplit(values["url"])
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise errors.InvalidArgument("url", "must be an absolute http(s) URL")
+        _check_url(values["url"])
     for name in TIME_FIELDS:
         if name in fields:
             values[name] = timestamp_field(message, name)
     for name in COUNT_FIELDS:
         if name in fields:
-            count = getattr(message, name) if message.HasField(name) else None
+            count = getattr(message, name) if message.HasField(name) else None  # type: ignore[arg-type]
             if count is not None and count < 0:
                 raise errors.InvalidArgument(name, "must not be negative")
             values[name] = count
@@ -115,9 +141,18 @@ def writable_values(
                 raise errors.InvalidArgument(
                     f"search_terms_matched[{i}]", "must not contain NUL characters"
                 )
+            if len(term.encode()) > MAX_KEY_BYTES:
+                raise errors.InvalidArgument(
+                    f"search_terms_matched[{i}]", f"is longer than {MAX_KEY_BYTES} bytes (UTF-8)"
+                )
         values["search_terms_matched"] = terms
     if "raw_metadata" in fields:
-        metadata = struct_to_dict(message.raw_metadata)
+        try:
+            metadata = struct_to_dict(message.raw_metadata)
+        except ValueError:  # NaN or an infinity, which JSON cannot hold
+            raise errors.InvalidArgument(
+                "raw_metadata", "numbers must be finite (no NaN or Infinity)"
+            ) from None
         encoded = json.dumps(metadata, separators=(",", ":"))
         if "\\u0000" in encoded:
             raise errors.InvalidArgument("raw_metadata", "must not contain NUL characters")
@@ -151,7 +186,7 @@ def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[An
 
 
 def to_proto(
-    row: Mapping[str, Any], target: content_pb2.Content | None = None
+    row: Mapping[Any, Any], target: content_pb2.Content | None = None
 ) -> content_pb2.Content:
     message = target if target is not None else content_pb2.Content()
     message.id = str(row["id"])

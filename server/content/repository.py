@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -12,6 +12,7 @@ from sqlalchemy import (
     ColumnElement,
     Float,
     Select,
+    bindparam,
     cast,
     func,
     literal_column,
@@ -24,12 +25,18 @@ from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.content.convert import INSERT_COLUMNS
-from server.db import driver_connection
+from server.db import PreparedStatement, driver_connection
 from server.tables import CONTENT_TS_CONFIG, content
 
 # Everything but the (large, derived) full-text vector.
 COLUMNS = [column for column in content.c if column.name != "search_vector"]
 STAGING_TABLE = "content_ingest"
+_GET_OWNED = PreparedStatement(
+    select(*COLUMNS).where(
+        content.c.id == bindparam("id"), content.c.owner_id == bindparam("owner_id")
+    )
+)
+_GET_ANY_OWNER = PreparedStatement(select(*COLUMNS).where(content.c.id == bindparam("id")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,11 +102,13 @@ class ContentRepository:
 
     async def get(
         self, content_id: uuid.UUID, owner_id: uuid.UUID | None, *, for_update: bool = False
-    ) -> RowMapping | None:
-        query = select(*COLUMNS).where(*self._scoped(content_id, owner_id))
+    ) -> Mapping[Any, Any] | None:
         if for_update:
-            query = query.with_for_update()
-        return (await self._conn.execute(query)).mappings().first()
+            query = select(*COLUMNS).where(*self._scoped(content_id, owner_id)).with_for_update()
+            return (await self._conn.execute(query)).mappings().first()
+        if owner_id is None:
+            return await _GET_ANY_OWNER.fetchrow(self._conn, id=content_id)
+        return await _GET_OWNED.fetchrow(self._conn, id=content_id, owner_id=owner_id)
 
     async def insert(self, values: dict[str, Any]) -> RowMapping | None:
         """The new row, or None when the natural key is taken."""
@@ -134,7 +143,7 @@ class ContentRepository:
     ) -> bool:
         if platform_id is None:
             return False
-        query = select(literal_column("1")).where(
+        query: Select[Any] = select(literal_column("1")).where(
             content.c.owner_id == owner_id,
             content.c.platform == platform,
             content.c.platform_id == platform_id,
@@ -157,7 +166,7 @@ class ContentRepository:
         )
         return (await self._conn.execute(statement)).mappings().first()
 
-    async def list(
+    async def find_page(
         self, q: ContentQuery, *, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[RowMapping]:
         query: Select[Any] = select(*COLUMNS).where(*filter_conditions(q))
@@ -178,7 +187,10 @@ class ContentRepository:
             *ranked.c,
             func.ts_headline(
                 cast(CONTENT_TS_CONFIG, REGCONFIG),
-                func.coalesce(func.nullif(ranked.c.text_content, ""), ranked.c.title, ""),
+                # Title and text both: a match in either one is highlighted.
+                func.concat_ws(
+                    " — ", func.nullif(ranked.c.title, ""), func.nullif(ranked.c.text_content, "")
+                ),
                 tsquery,
                 "StartSel=<b>, StopSel=</b>, MaxWords=35, MinWords=15, MaxFragments=2",
             ).label("snippet"),
@@ -195,26 +207,42 @@ class ContentRepository:
         return int(result.scalar_one())
 
     # -- bulk ingest -------------------------------------------------------------
+    # A stream is COPYed batch by batch into STAGING_TABLE and moved into content
+    # from there with one INSERT per batch (see server.content.service._Ingest).
 
     async def create_staging(self) -> None:
-        """A session-private table for COPY, dropped when the transaction ends."""
+        """A session-private COPY target, dropped when the transaction ends. Each
+        row carries its index in the stream, so a refused row can be named."""
         columns = ", ".join(INSERT_COLUMNS)
         await self._conn.execute(
             text(
                 f"CREATE TEMP TABLE {STAGING_TABLE} ON COMMIT DROP AS "
-                f"SELECT {columns} FROM content WITH NO DATA"
+                f"SELECT {columns}, 0::bigint AS stream_index FROM content WITH NO DATA"
             )
         )
 
-    async def ingest_batch(self, records: Sequence[tuple[Any, ...]]) -> int:
-        """COPYs `records` into staging and moves them into content in one
-        statement; returns how many were new (the rest clashed on the natural key)."""
+    async def stage(self, records: Sequence[tuple[Any, ...]]) -> None:
+        """COPYs `records` (INSERT_COLUMNS, then the stream index), in binary."""
         driver = await driver_connection(self._conn)
-        await driver.copy_records_to_table(STAGING_TABLE, records=records, columns=INSERT_COLUMNS)
+        await driver.copy_records_to_table(
+            STAGING_TABLE, records=records, columns=(*INSERT_COLUMNS, "stream_index")
+        )
+
+    async def move_staged(self, first: int, last: int) -> int:
+        """Inserts the staged rows with a stream index in [first, last] into
+        content in one statement; returns how many were new (the rest clashed on
+        the natural key). Raises the database's error when any row is refused."""
+        driver = await driver_connection(self._conn)
         columns = ", ".join(INSERT_COLUMNS)
         status = await driver.execute(
             f"INSERT INTO content ({columns}) SELECT {columns} FROM {STAGING_TABLE} "
-            "ON CONFLICT (owner_id, platform, platform_id, published_at) DO NOTHING"
+            "WHERE stream_index BETWEEN $1 AND $2 "
+            "ON CONFLICT (owner_id, platform, platform_id, published_at) DO NOTHING",
+            first,
+            last,
         )
-        await driver.execute(f"TRUNCATE {STAGING_TABLE}")
         return int(status.rsplit(" ", 1)[-1])
+
+    async def clear_staging(self) -> None:
+        driver = await driver_connection(self._conn)
+        await driver.execute(f"TRUNCATE {STAGING_TABLE}")

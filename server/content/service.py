@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -29,8 +30,23 @@ def _owner_scope(caller: Principal) -> uuid.UUID | None:
     return None if caller.is_admin else caller.user_id
 
 
+def _filter_texts(filter: content_pb2.ContentFilter, name: str) -> tuple[str, ...]:
+    values = tuple(getattr(filter, name))
+    for i, value in enumerate(values):
+        _check_filter_text(value, f"filter.{name}[{i}]")
+    return values
+
+
+def _check_filter_text(value: str, field: str) -> None:
+    # PostgreSQL text cannot hold NUL; caught here so the error names the field.
+    if "\x00" in value:
+        raise errors.InvalidArgument(field, "must not contain NUL characters")
+
+
 def content_query(caller: Principal, filter: content_pb2.ContentFilter) -> ContentQuery:
     """Validates a ContentFilter (field paths relative to the request)."""
+    for name in ("collection_run_id", "search_term", "query"):
+        _check_filter_text(getattr(filter, name), f"filter.{name}")
     author_ids = [
         parse_uuid(value, f"filter.author_ids[{i}]") for i, value in enumerate(filter.author_ids)
     ]
@@ -42,9 +58,9 @@ def content_query(caller: Principal, filter: content_pb2.ContentFilter) -> Conte
         )
     return ContentQuery(
         owner_id=_owner_scope(caller),
-        platforms=tuple(filter.platforms),
-        arenas=tuple(filter.arenas),
-        languages=tuple(filter.languages),
+        platforms=_filter_texts(filter, "platforms"),
+        arenas=_filter_texts(filter, "arenas"),
+        languages=_filter_texts(filter, "languages"),
         published_after=after,
         published_before=before,
         author_ids=tuple(author_ids),
@@ -103,7 +119,7 @@ class ContentService:
         token_query = pagination.fingerprint("ListContent", request.filter, str(query.owner_id))
         after = _list_key(pagination.decode_token(request.page_token, token_query))
         async with self._db.read() as conn:
-            rows = await ContentRepository(conn).list(query, after=after, limit=size + 1)
+            rows = await ContentRepository(conn).find_page(query, after=after, limit=size + 1)
         response = content_pb2.ListContentResponse()
         for row in rows[:size]:
             convert.to_proto(row, response.contents.add())
@@ -208,9 +224,26 @@ class ContentService:
             return await ContentRepository(conn).ensure_partitions(today, months_ahead + 1)
 
 
+# SQLSTATE classes of errors that a row's own values cause: data exceptions,
+# integrity violations, program limits. Validation should catch them all first.
+_ROW_ERROR_CLASSES = ("22", "23", "54")
+
+
+def _is_row_error(exc: BaseException) -> bool:
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(
+        getattr(exc, "orig", None), "sqlstate", None
+    )
+    return isinstance(sqlstate, str) and sqlstate[:2] in _ROW_ERROR_CLASSES
+
+
 class _Ingest:
     """One IngestContent stream: validate each row, COPY good ones in batches,
-    report bad ones by their index in the whole stream."""
+    report bad ones by their index in the whole stream.
+
+    Each batch moves into content in one INSERT under a savepoint. Validation
+    should leave the database nothing to refuse; should it refuse a row all the
+    same, the batch is halved until that row is found, reported and skipped, so
+    one bad row never costs the good ones."""
 
     def __init__(self, conn: Any, caller: Principal) -> None:
         self._conn = conn
@@ -219,28 +252,58 @@ class _Ingest:
         # Only a stream with a request_id needs its payload digested.
         self._digest: Any = None
         self._response = content_pb2.IngestContentResponse()
+        # (index, field, reason) of the first MAX_REPORTED_ERRORS rejected rows.
+        self._errors: list[tuple[int, str, str]] = []
         self._valid = 0
+        self._refused = 0
 
-    def _add_error(self, index: int, error: errors.InvalidArgument) -> None:
+    def _add_error(self, index: int, field: str, reason: str) -> None:
         self._response.error_count += 1
-        if len(self._response.errors) < MAX_REPORTED_ERRORS:
-            self._response.errors.append(
-                common_pb2.ItemError(
-                    index=index, field=error.field, reason=error.field_violations[0][1]
-                )
-            )
+        if len(self._errors) < MAX_REPORTED_ERRORS or index < self._errors[-1][0]:
+            bisect.insort(self._errors, (index, field, reason))
+            del self._errors[MAX_REPORTED_ERRORS:]
 
     def _absorb(
-        self, message: content_pb2.IngestContentRequest, buffer: list[tuple[Any, ...]]
+        self, message: content_pb2.IngestContentRequest, batch: list[tuple[Any, ...]]
     ) -> None:
         for item in message.contents:
             index = self._response.received
             self._response.received += 1
             self._digest_item(item)
             try:
-                buffer.append(convert.ingest_record(item, self._caller.user_id))
+                record = (*convert.ingest_record(item, self._caller.user_id), index)
             except errors.InvalidArgument as error:
-                self._add_error(index, error)
+                self._add_error(index, error.field, error.field_violations[0][1])
+                continue
+            self._valid += 1
+            batch.append(record)
+
+    async def _store(self, batch: list[tuple[Any, ...]]) -> int:
+        """Stages `batch` and moves it into content; returns how many rows were new."""
+        if not batch:
+            return 0
+        await self._repo.stage(batch)
+        inserted = await self._move(batch[0][-1], batch[-1][-1])
+        await self._repo.clear_staging()
+        return inserted
+
+    async def _move(self, first: int, last: int) -> int:
+        """Moves the staged rows [first, last] into content, skipping (and
+        reporting) each row the database refuses."""
+        try:
+            async with self._conn.begin_nested():
+                return await self._repo.move_staged(first, last)
+        except Exception as exc:
+            if not _is_row_error(exc):
+                raise
+            if first == last:
+                self._refused += 1
+                self._add_error(
+                    first, "", f"the database refused this row: {getattr(exc, 'orig', exc)}"
+                )
+                return 0
+        middle = (first + last) // 2
+        return await self._move(first, middle) + await self._move(middle + 1, last)
 
     async def run(
         self,
@@ -257,31 +320,32 @@ class _Ingest:
             return await self._replay(key, first, rest)
         await self._repo.create_staging()
         inserted = 0
-        buffer: list[tuple[Any, ...]] = []
+        batch: list[tuple[Any, ...]] = []
         pending: asyncio.Task[int] | None = None
         try:
-            self._absorb(first, buffer)
+            self._absorb(first, batch)
             async for message in rest:
-                self._absorb(message, buffer)
-                if len(buffer) >= INGEST_BATCH_ROWS:
+                self._absorb(message, batch)
+                if len(batch) >= INGEST_BATCH_ROWS:
                     # The database works on one batch while the next one is parsed.
                     if pending is not None:
                         inserted += await pending
-                    self._valid += len(buffer)
-                    pending = asyncio.create_task(self._repo.ingest_batch(buffer))
-                    buffer = []
+                    pending = asyncio.create_task(self._store(batch))
+                    batch = []
             if pending is not None:
                 inserted += await pending
                 pending = None
-            if buffer:
-                self._valid += len(buffer)
-                inserted += await self._repo.ingest_batch(buffer)
+            inserted += await self._store(batch)
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
         self._response.inserted = inserted
-        self._response.duplicates = self._valid - inserted
+        self._response.duplicates = self._valid - self._refused - inserted
+        self._response.errors.extend(
+            common_pb2.ItemError(index=index, field=field, reason=reason)
+            for index, field, reason in self._errors
+        )
         await AuditRepository(self._conn).record(
             self._caller,
             "content.ingest",
