@@ -71,7 +71,7 @@ lint: $(STAMP) $(BUF)
 	$(MAKE) --no-print-directory check-protos
 
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) tools/node_modules .pytest_cache .mypy_cache .ruff_cache
