@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,6 +19,7 @@ from server.content.servicer import ContentServicer
 from server.db import Database, create_engine
 from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
+from server.periodic import Periodic
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,16 +55,13 @@ class App:
     db: Database
     monitor: HealthMonitor
     content: ContentService
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    maintenance: Periodic
 
     async def stop(self, grace: float | None) -> None:
         """Health goes NOT_SERVING, in-flight RPCs get `grace` seconds, then
         the pool closes."""
         await self.monitor.stop()
-        for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self.maintenance.stop()
         await self.server.stop(grace)
         await self.db.dispose()
 
@@ -95,20 +91,20 @@ async def create_server(settings: Settings, database_url: str) -> App:
     await monitor.probe()
     await server.start()
     monitor.start()
-    app = App(server=server, port=port, db=db, monitor=monitor, content=content)
-    app._tasks.append(
-        asyncio.create_task(_maintain(content, settings.partitions_ahead), name="maintenance")
+    maintenance = Periodic(
+        "maintenance", MAINTENANCE_INTERVAL_S, lambda: _maintain(content, settings.partitions_ahead)
     )
-    return app
+    maintenance.start()
+    return App(
+        server=server, port=port, db=db, monitor=monitor, content=content, maintenance=maintenance
+    )
 
 
 async def _maintain(content: ContentService, months_ahead: int) -> None:
-    """Keeps content partitions ready a year ahead, now and every few hours."""
-    while True:
-        try:
-            made = await content.prepare_partitions(months_ahead)
-            if made:
-                log.info("created content partitions", extra={"count": made})
-        except Exception as exc:  # the database may be down; try again later
-            log.warning("partition maintenance failed", extra={"error": repr(exc)})
-        await asyncio.sleep(MAINTENANCE_INTERVAL_S)
+    """Keeps content partitions ready a year ahead (run now and every few hours)."""
+    try:
+        made = await content.prepare_partitions(months_ahead)
+        if made:
+            log.info("created content partitions", extra={"count": made})
+    except Exception as exc:  # the database may be down; the next round retries
+        log.warning("partition maintenance failed", extra={"error": repr(exc)})

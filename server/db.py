@@ -14,6 +14,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.util import greenlet_spawn
 
 from server import errors
 from server.settings import Settings
@@ -124,6 +125,27 @@ class Database:
             async with conn.begin():
                 yield conn
 
+    @asynccontextmanager
+    async def lookup(self) -> AsyncIterator[asyncpg.Connection]:
+        """A bare driver connection from the same pool, outside any transaction,
+        for hot single-statement reads (see PreparedStatement): it skips
+        SQLAlchemy's per-connection work. A connection that fails or is
+        cancelled mid-statement is discarded, not reused."""
+        raw = await self.engine.raw_connection()
+        try:
+            driver = raw.driver_connection
+            assert isinstance(driver, asyncpg.Connection)
+            yield driver
+        except BaseException as exc:
+            raw.invalidate()
+            if isinstance(classify_database_error(exc), errors.Unavailable):
+                # As SQLAlchemy does on a disconnect: the other pooled
+                # connections date from before it, so none is reused.
+                await self.engine.dispose(close=False)
+            raise
+        finally:
+            await greenlet_spawn(raw.close)
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.exec_driver_sql("SELECT 1")
@@ -133,12 +155,16 @@ class Database:
 
 
 async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
-    """The raw asyncpg connection under `conn`, for COPY and server-side cursors.
-    Inside `Database.write()`/`read()` its transaction is already open once a
-    statement has run through `conn`."""
+    """The raw asyncpg connection under `conn`, for COPY, cursors and prepared
+    statements, inside `conn`'s transaction."""
     raw = await conn.get_raw_connection()
     driver = raw.driver_connection
     assert isinstance(driver, asyncpg.Connection)
+    # SQLAlchemy opens its transaction lazily, at its first statement; a driver
+    # statement must not run ahead of it, outside the unit of work.
+    assert not conn.in_transaction() or driver.is_in_transaction(), (
+        "run a statement through the connection before using its driver"
+    )
     return driver
 
 
@@ -155,23 +181,11 @@ class PreparedStatement:
         self.sql = compiled.string
         self._names = tuple(getattr(compiled, "positiontup", None) or ())
 
-    async def fetchrow(self, conn: AsyncConnection, **params: Any) -> asyncpg.Record | None:
-        driver = await self._driver(conn)
+    async def fetchrow(self, driver: asyncpg.Connection, **params: Any) -> asyncpg.Record | None:
         return await driver.fetchrow(self.sql, *(params[name] for name in self._names))
 
-    async def fetch(self, conn: AsyncConnection, **params: Any) -> list[asyncpg.Record]:
-        driver = await self._driver(conn)
+    async def fetch(self, driver: asyncpg.Connection, **params: Any) -> list[asyncpg.Record]:
         return list(await driver.fetch(self.sql, *(params[name] for name in self._names)))
-
-    @staticmethod
-    async def _driver(conn: AsyncConnection) -> asyncpg.Connection:
-        driver = await driver_connection(conn)
-        # SQLAlchemy opens its transaction lazily, at its first statement; one
-        # of ours must not run ahead of it, outside the unit of work.
-        assert not conn.in_transaction() or driver.is_in_transaction(), (
-            "a PreparedStatement cannot be the first statement of a transaction"
-        )
-        return driver
 
 
 # SQLSTATE classes and codes that mean "the database is not there right now".

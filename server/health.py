@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -11,6 +10,7 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from server.db import Database
+from server.periodic import Periodic
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class HealthMonitor:
         self._names = ["", *services]
         self._interval = interval
         self._status: int | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loop = Periodic("health-monitor", interval, self.probe)
 
     @property
     def serving(self) -> bool:
@@ -42,7 +42,10 @@ class HealthMonitor:
 
     async def probe(self) -> None:
         try:
-            await asyncio.wait_for(self._db.ping(), timeout=max(self._interval * 2, 2.0))
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow
+            # a cancellation that arrives as the ping completes.
+            async with asyncio.timeout(max(self._interval * 2, 2.0)):
+                await self._db.ping()
             status = SERVING
         except Exception as exc:  # any failure to reach the database
             status = NOT_SERVING
@@ -56,16 +59,9 @@ class HealthMonitor:
                 await self._servicer.set(name, status)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="health-monitor")
-
-    async def _run(self) -> None:
-        while True:
-            await self.probe()
-            await asyncio.sleep(self._interval)
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stops probing and reports NOT_SERVING for good."""
+        await self._loop.stop()
         await self._servicer.enter_graceful_shutdown()

@@ -3,11 +3,12 @@ validation that names the offending field."""
 
 from __future__ import annotations
 
+import math
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from server import errors
@@ -36,13 +37,45 @@ def timestamp_field(message: Message, name: str, field: str | None = None) -> da
     return ts.ToDatetime(tzinfo=UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
-    target.FromDatetime(value)
+    """Like Timestamp.FromDatetime for an aware datetime, at a fifth of the cost
+    (it runs for every timestamp of every row served)."""
+    delta = value - _EPOCH
+    target.seconds = delta.days * 86400 + delta.seconds
+    target.nanos = delta.microseconds * 1000
 
 
 def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
-    result: dict[str, Any] = json_format.MessageToDict(value)
-    return result
+    """A Struct as plain JSON values. Raises ValueError for what JSON and
+    PostgreSQL cannot hold: NaN, infinities and NUL characters."""
+    return {_text(key): _json_value(item) for key, item in value.fields.items()}
+
+
+def _json_value(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return _text(value.string_value)
+    if kind == "number_value":
+        number = value.number_value
+        if not math.isfinite(number):
+            raise ValueError("numbers must be finite (no NaN or Infinity)")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_json_value(item) for item in value.list_value.values]
+    return None
+
+
+def _text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
 
 
 def dict_to_struct(value: dict[str, Any], target: struct_pb2.Struct) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from google.protobuf import struct_pb2
 from observatory.v1 import content_pb2
 
 from server import errors
@@ -78,7 +79,10 @@ def content_hash(title: str | None, text_content: str | None) -> str | None:
     text = text_content or title
     if not text:
         return None
-    normalised = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+    if text.isascii():  # NFKC leaves ASCII alone, and casefold is lower there
+        normalised = " ".join(text.lower().split())
+    else:
+        normalised = " ".join(unicodedata.normalize("NFKC", text).casefold().split())
     if not normalised:
         return None
     return hashlib.sha256(normalised.encode()).hexdigest()
@@ -147,17 +151,16 @@ def writable_values(
                 )
         values["search_terms_matched"] = terms
     if "raw_metadata" in fields:
-        try:
-            metadata = struct_to_dict(message.raw_metadata)
-        except ValueError:  # NaN or an infinity, which JSON cannot hold
-            raise errors.InvalidArgument(
-                "raw_metadata", "numbers must be finite (no NaN or Infinity)"
-            ) from None
-        encoded = json.dumps(metadata, separators=(",", ":"))
-        if "\\u0000" in encoded:
-            raise errors.InvalidArgument("raw_metadata", "must not contain NUL characters")
-        values["raw_metadata"] = metadata
+        values["raw_metadata"] = metadata_value(message.raw_metadata)
     return values
+
+
+def metadata_value(struct: struct_pb2.Struct) -> dict[str, Any]:
+    """raw_metadata as a dict that JSONB can hold: finite numbers, no NUL."""
+    try:
+        return struct_to_dict(struct)
+    except ValueError as error:
+        raise errors.InvalidArgument("raw_metadata", str(error)) from None
 
 
 def check_complete(values: Mapping[str, Any]) -> None:
@@ -181,7 +184,9 @@ def new_content_values(message: content_pb2.Content, owner_id: uuid.UUID) -> dic
 def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...]:
     """One COPY record (INSERT_COLUMNS order); raw_metadata as JSON text."""
     values = new_content_values(message, owner_id)
-    values["raw_metadata"] = json.dumps(values["raw_metadata"], separators=(",", ":"))
+    values["raw_metadata"] = json.dumps(
+        values["raw_metadata"], separators=(",", ":"), ensure_ascii=False
+    )
     return tuple(values[column] for column in INSERT_COLUMNS)
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
     ColumnElement,
     Float,
@@ -37,6 +38,16 @@ _GET_OWNED = PreparedStatement(
     )
 )
 _GET_ANY_OWNER = PreparedStatement(select(*COLUMNS).where(content.c.id == bindparam("id")))
+
+
+async def lookup_content(
+    driver: asyncpg.Connection, content_id: uuid.UUID, owner_id: uuid.UUID | None
+) -> asyncpg.Record | None:
+    """One row by ID (within `owner_id`'s rows unless None), as a prepared
+    statement: GetContent's hot path, on a `Database.lookup()` connection."""
+    if owner_id is None:
+        return await _GET_ANY_OWNER.fetchrow(driver, id=content_id)
+    return await _GET_OWNED.fetchrow(driver, id=content_id, owner_id=owner_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,9 +117,7 @@ class ContentRepository:
         if for_update:
             query = select(*COLUMNS).where(*self._scoped(content_id, owner_id)).with_for_update()
             return (await self._conn.execute(query)).mappings().first()
-        if owner_id is None:
-            return await _GET_ANY_OWNER.fetchrow(self._conn, id=content_id)
-        return await _GET_OWNED.fetchrow(self._conn, id=content_id, owner_id=owner_id)
+        return await lookup_content(await driver_connection(self._conn), content_id, owner_id)
 
     async def insert(self, values: dict[str, Any]) -> RowMapping | None:
         """The new row, or None when the natural key is taken."""

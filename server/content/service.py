@@ -17,7 +17,7 @@ from server import errors, idempotency, pagination
 from server.audit import AuditRepository
 from server.auth import Principal
 from server.content import convert
-from server.content.repository import ContentQuery, ContentRepository
+from server.content.repository import ContentQuery, ContentRepository, lookup_content
 from server.db import Database
 from server.protoconv import parse_uuid, timestamp_field
 
@@ -105,8 +105,8 @@ class ContentService:
             )
 
     async def get(self, caller: Principal, content_id: uuid.UUID) -> content_pb2.Content:
-        async with self._db.read() as conn:
-            row = await ContentRepository(conn).get(content_id, _owner_scope(caller))
+        async with self._db.lookup() as driver:
+            row = await lookup_content(driver, content_id, _owner_scope(caller))
         if row is None:
             raise errors.NotFound(f"content {content_id} not found")
         return convert.to_proto(row)
@@ -278,12 +278,10 @@ class _Ingest:
             self._valid += 1
             batch.append(record)
 
-    async def _store(self, batch: list[tuple[Any, ...]]) -> int:
-        """Stages `batch` and moves it into content; returns how many rows were new."""
-        if not batch:
-            return 0
-        await self._repo.stage(batch)
-        inserted = await self._move(batch[0][-1], batch[-1][-1])
+    async def _move_staged(self, first: int, last: int) -> int:
+        """Moves the staged batch [first, last] into content and empties the
+        staging table; returns how many rows were new."""
+        inserted = await self._move(first, last)
         await self._repo.clear_staging()
         return inserted
 
@@ -327,15 +325,19 @@ class _Ingest:
             async for message in rest:
                 self._absorb(message, batch)
                 if len(batch) >= INGEST_BATCH_ROWS:
-                    # The database works on one batch while the next one is parsed.
                     if pending is not None:
                         inserted += await pending
-                    pending = asyncio.create_task(self._store(batch))
+                    # COPY now (it is quick while nothing else runs), then let the
+                    # database move the batch while the next one is parsed.
+                    await self._repo.stage(batch)
+                    pending = asyncio.create_task(self._move_staged(batch[0][-1], batch[-1][-1]))
                     batch = []
             if pending is not None:
                 inserted += await pending
                 pending = None
-            inserted += await self._store(batch)
+            if batch:
+                await self._repo.stage(batch)
+                inserted += await self._move_staged(batch[0][-1], batch[-1][-1])
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
