@@ -689,3 +689,18 @@ class TestUndecodableRequests:
         for _ in range(3):
             response = await ingest(content_stub, alice, [make_content()])
             assert response.inserted == 1
+
+
+class TestMessageSize:
+    async def test_a_message_far_above_the_grpc_default_of_4_mib_is_accepted(
+        self, content_stub, alice, db
+    ):
+        body = "word " * 180_000  # 900,000 characters
+        rows = [make_content(text_content=body) for _ in range(20)]
+        request = content_pb2.IngestContentRequest(contents=rows)
+        assert request.ByteSize() > 16 * 1024 * 1024
+
+        response = await content_stub.IngestContent(iter([request]), metadata=alice.metadata)
+
+        assert (response.inserted, response.error_count) == (20, 0)
+        assert await stored_platform_ids(db, alice) == with_ids(rows)
