@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
-import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from grpc_health.v1.health import aio as health_aio
 from observatory.v1 import content_pb2, content_pb2_grpc
 
 from server.settings import Settings
+from server.workers import run_forked
 
 
 class ConstantContent(content_pb2_grpc.ContentServiceServicer):
@@ -82,23 +81,7 @@ def main() -> None:
     if args.workers == 1:
         _worker(args.listen, 1, get, listing)
         return
-    context = multiprocessing.get_context("fork")
-    children = [
-        context.Process(target=_worker, args=(args.listen, args.workers, get, listing))
-        for _ in range(args.workers)
-    ]
-    for child in children:
-        child.start()
-
-    def forward(signum: int, _frame: object) -> None:
-        for child in children:
-            if child.pid and child.is_alive():
-                os.kill(child.pid, signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
+    run_forked(args.workers, _worker, (args.listen, args.workers, get, listing))
 
 
 if __name__ == "__main__":

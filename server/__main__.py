@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import multiprocessing
 import os
 import signal
 import sys
@@ -16,6 +15,7 @@ from server import logs, migrate
 from server.auth import ADMIN, USER, dev_secret, issue_token
 from server.embedded import EmbeddedPostgres
 from server.settings import Settings
+from server.workers import run_forked
 
 log = logging.getLogger("observatory")
 
@@ -56,23 +56,7 @@ def serve(settings: Settings) -> None:
             return
         # Fork every worker before any gRPC object exists; each binds the same
         # port with SO_REUSEPORT and the kernel spreads connections.
-        context = multiprocessing.get_context("fork")
-        workers = [
-            context.Process(target=_run_worker, args=(settings, database_url), name=f"worker-{i}")
-            for i in range(settings.workers)
-        ]
-        for worker in workers:
-            worker.start()
-
-        def forward(signum: int, _frame: object) -> None:
-            for worker in workers:
-                if worker.pid and worker.is_alive():
-                    os.kill(worker.pid, signal.SIGTERM)
-
-        signal.signal(signal.SIGTERM, forward)
-        signal.signal(signal.SIGINT, forward)
-        for worker in workers:
-            worker.join()
+        run_forked(settings.workers, _run_worker, (settings, database_url))
     finally:
         if embedded is not None:
             embedded.stop()
