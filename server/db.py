@@ -61,19 +61,14 @@ def normalize_database_url(raw: str) -> tuple[URL, dict[str, Any]]:
 
 
 def wants_pgbouncer(raw: str) -> bool:
-    return str(
-        make_url(raw.replace("postgres://", "postgresql://", 1)).query.get("pgbouncer", "")
-    ).lower() in {
-        "1",
-        "true",
-        "yes",
-    }
+    """`?pgbouncer=true` in the URL, the convention other tools use."""
+    flag = make_url(raw.replace("postgres://", "postgresql://", 1)).query.get("pgbouncer", "")
+    return str(flag).lower() in {"1", "true", "yes"}
 
 
 def create_engine(settings: Settings, database_url: str) -> AsyncEngine:
     url, connect_args = normalize_database_url(database_url)
     connect_args.setdefault("server_settings", {}).setdefault("application_name", "observatory")
-    engine_args: dict[str, Any] = {}
     if settings.pgbouncer or wants_pgbouncer(database_url):
         # Transaction-mode poolers hand each transaction a different backend:
         # no statement caches, and unique names for the unnamed statements.
@@ -87,15 +82,15 @@ def create_engine(settings: Settings, database_url: str) -> AsyncEngine:
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
         connect_args=connect_args,
-        **engine_args,
     )
 
 
 class Database:
-    """Hands out one connection and one transaction per unit of work.
+    """Hands out the connection for one unit of work, from one pool.
 
-    The context managers commit when the block succeeds and roll back on any
-    error; nothing else in the code base commits.
+    `write()` is a transaction that commits when its block succeeds and rolls
+    back on any error; nothing else in the code base commits. `read()` and
+    `lookup()` run each statement on its own, for reads of one statement.
     """
 
     def __init__(self, engine: AsyncEngine) -> None:
@@ -115,17 +110,6 @@ class Database:
             yield conn
 
     @asynccontextmanager
-    async def snapshot(self) -> AsyncIterator[AsyncConnection]:
-        """A REPEATABLE READ READ ONLY transaction: every statement in it sees
-        the same data."""
-        async with self.engine.connect() as conn:
-            await conn.execution_options(
-                isolation_level="REPEATABLE READ", postgresql_readonly=True
-            )
-            async with conn.begin():
-                yield conn
-
-    @asynccontextmanager
     async def lookup(self) -> AsyncIterator[asyncpg.Connection]:
         """A bare driver connection from the same pool, outside any transaction,
         for hot single-statement reads (see PreparedStatement): it skips
@@ -136,6 +120,8 @@ class Database:
             driver = raw.driver_connection
             assert isinstance(driver, asyncpg.Connection)
             yield driver
+        except errors.ObservatoryError:
+            raise
         except BaseException as exc:
             raw.invalidate()
             if isinstance(classify_database_error(exc), errors.Unavailable):
@@ -184,23 +170,18 @@ class PreparedStatement:
     async def fetchrow(self, driver: asyncpg.Connection, **params: Any) -> asyncpg.Record | None:
         return await driver.fetchrow(self.sql, *(params[name] for name in self._names))
 
-    async def fetch(self, driver: asyncpg.Connection, **params: Any) -> list[asyncpg.Record]:
-        return list(await driver.fetch(self.sql, *(params[name] for name in self._names)))
-
 
 # SQLSTATE classes and codes that mean "the database is not there right now".
 _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400"}
 
 
 def _sqlstate(exc: BaseException) -> str | None:
-    for candidate in (exc, getattr(exc, "orig", None), getattr(exc, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+    """The SQLSTATE of a driver error, also when SQLAlchemy wrapped it."""
+    for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
+        code = getattr(candidate, "sqlstate", None)
         if isinstance(code, str):
             return code
-    orig = getattr(exc, "orig", None)
-    cause = getattr(orig, "__cause__", None)
-    code = getattr(cause, "sqlstate", None)
-    return code if isinstance(code, str) else None
+    return None
 
 
 def classify_database_error(exc: BaseException) -> errors.ObservatoryError | None:

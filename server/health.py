@@ -36,10 +36,6 @@ class HealthMonitor:
         self._status: int | None = None
         self._loop = Periodic("health-monitor", interval, self.probe)
 
-    @property
-    def serving(self) -> bool:
-        return bool(self._status == SERVING)
-
     async def probe(self) -> None:
         try:
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow

@@ -33,7 +33,3 @@ class Settings(BaseSettings):
     )
     # Months of content partitions kept ready ahead of today.
     partitions_ahead: int = Field(12, alias="OBSERVATORY_PARTITIONS_AHEAD", ge=1)
-
-    @property
-    def uses_embedded_database(self) -> bool:
-        return not self.database_url
