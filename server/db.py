@@ -175,7 +175,7 @@ class PreparedStatement:
 _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400"}
 
 
-def _sqlstate(exc: BaseException) -> str | None:
+def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a driver error, also when SQLAlchemy wrapped it."""
     for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
         code = getattr(candidate, "sqlstate", None)
@@ -191,17 +191,17 @@ def classify_database_error(exc: BaseException) -> errors.ObservatoryError | Non
         return errors.Unavailable("no database connection became free in time")
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return errors.Unavailable("the database connection was lost")
-    sqlstate = _sqlstate(exc)
-    if sqlstate is not None:
-        if sqlstate.startswith("08") or sqlstate in _UNAVAILABLE_SQLSTATES:
+    code = sqlstate(exc)
+    if code is not None:
+        if code.startswith("08") or code in _UNAVAILABLE_SQLSTATES:
             return errors.Unavailable("the database is unavailable")
-        if sqlstate in {"40001", "40P01", "55P03"}:
+        if code in {"40001", "40P01", "55P03"}:
             return errors.Aborted("the transaction conflicted with another one; retry it")
-        if sqlstate == "57014":
+        if code == "57014":
             return errors.DeadlineExceeded("the statement was cancelled")
-        if sqlstate == "23505":
+        if code == "23505":
             return errors.AlreadyExists("a row with the same unique key already exists")
-        if sqlstate.startswith("22"):
+        if code.startswith("22"):
             return errors.InvalidArgument(
                 "", "a value is out of range or malformed for the database"
             )

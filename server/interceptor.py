@@ -142,30 +142,33 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
     # -- wrapping by RPC kind ---------------------------------------------------
 
     def _wrap(self, method: str, handler: Handler) -> Handler:
+        """The same handler with our steps around it. It is registered without
+        a request deserializer, so that undecodable bytes become
+        INVALID_ARGUMENT here instead of UNKNOWN inside gRPC."""
         decode: Deserializer = handler.request_deserializer or (lambda raw: raw)
+        one: Callable[[Any], Any] = lambda raw: _decode(decode, raw)  # noqa: E731
+        many: Callable[[Any], Any] = lambda raw: _decode_stream(decode, raw)  # noqa: E731
         serializer = handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary, decode), None, serializer
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._server_stream(method, handler.unary_stream, decode), None, serializer
-            )
+            behaviour = self._single_response(method, handler.unary_unary, one)
+            return grpc.unary_unary_rpc_method_handler(behaviour, None, serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._client_stream(method, handler.stream_unary, decode), None, serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._bidi_stream(method, handler.stream_stream, decode), None, serializer
-        )
+            behaviour = self._single_response(method, handler.stream_unary, many)
+            return grpc.stream_unary_rpc_method_handler(behaviour, None, serializer)
+        if handler.unary_stream:
+            streaming = self._streamed_response(method, handler.unary_stream, one)
+            return grpc.unary_stream_rpc_method_handler(streaming, None, serializer)
+        streaming = self._streamed_response(method, handler.stream_stream, many)
+        return grpc.stream_stream_rpc_method_handler(streaming, None, serializer)
 
-    def _unary(self, method: str, behaviour: Any, decode: Deserializer) -> Any:
-        async def handle(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    def _single_response(
+        self, method: str, behaviour: Any, requests: Callable[[Any], Any]
+    ) -> Callable[..., Awaitable[Any]]:
+        async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call, metadata = self._start(method, context)
             try:
                 self._authenticate(call, metadata)
-                return await behaviour(_decode(decode, raw), context)
+                return await behaviour(requests(raw), context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
@@ -175,49 +178,16 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
 
         return handle
 
-    def _client_stream(self, method: str, behaviour: Any, decode: Deserializer) -> Any:
+    def _streamed_response(
+        self, method: str, behaviour: Any, requests: Callable[[Any], Any]
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def handle(
-            raw_stream: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> Any:
-            call, metadata = self._start(method, context)
-            try:
-                self._authenticate(call, metadata)
-                return await behaviour(_decode_stream(decode, raw_stream), context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                await self._fail(exc, call, context)
-            finally:
-                self._finish(call, context)
-
-        return handle
-
-    def _server_stream(self, method: str, behaviour: Any, decode: Deserializer) -> Any:
-        async def handle(
-            raw: bytes, context: grpc.aio.ServicerContext[Any, Any]
+            raw: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             call, metadata = self._start(method, context)
             try:
                 self._authenticate(call, metadata)
-                async for response in behaviour(_decode(decode, raw), context):
-                    yield response
-            except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
-                raise
-            except Exception as exc:
-                await self._fail(exc, call, context)
-            finally:
-                self._finish(call, context)
-
-        return handle
-
-    def _bidi_stream(self, method: str, behaviour: Any, decode: Deserializer) -> Any:
-        async def handle(
-            raw_stream: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            call, metadata = self._start(method, context)
-            try:
-                self._authenticate(call, metadata)
-                async for response in behaviour(_decode_stream(decode, raw_stream), context):
+                async for response in behaviour(requests(raw), context):
                     yield response
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                 raise

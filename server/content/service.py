@@ -12,13 +12,14 @@ from typing import Any
 
 from google.protobuf import field_mask_pb2
 from observatory.v1 import common_pb2, content_pb2
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server import errors, idempotency, pagination
 from server.audit import AuditRepository
 from server.auth import Principal
 from server.content import convert
 from server.content.repository import ContentQuery, ContentRepository, lookup_content
-from server.db import Database
+from server.db import Database, sqlstate
 from server.protoconv import parse_uuid, timestamp_field
 
 INGEST_BATCH_ROWS = 5000
@@ -230,10 +231,8 @@ _ROW_ERROR_CLASSES = ("22", "23", "54")
 
 
 def _is_row_error(exc: BaseException) -> bool:
-    sqlstate = getattr(exc, "sqlstate", None) or getattr(
-        getattr(exc, "orig", None), "sqlstate", None
-    )
-    return isinstance(sqlstate, str) and sqlstate[:2] in _ROW_ERROR_CLASSES
+    code = sqlstate(exc)
+    return code is not None and code[:2] in _ROW_ERROR_CLASSES
 
 
 class _Ingest:
@@ -245,7 +244,7 @@ class _Ingest:
     same, the batch is halved until that row is found, reported and skipped, so
     one bad row never costs the good ones."""
 
-    def __init__(self, conn: Any, caller: Principal) -> None:
+    def __init__(self, conn: AsyncConnection, caller: Principal) -> None:
         self._conn = conn
         self._caller = caller
         self._repo = ContentRepository(conn)
