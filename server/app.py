@@ -11,6 +11,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from observatory.v1 import admin_pb2, admin_pb2_grpc, content_pb2, content_pb2_grpc
 
+from server import idempotency
 from server.admin.service import AdminService
 from server.admin.servicer import AdminServicer
 from server.auth import Authenticator
@@ -92,7 +93,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
     await server.start()
     monitor.start()
     maintenance = Periodic(
-        "maintenance", MAINTENANCE_INTERVAL_S, lambda: _maintain(content, settings.partitions_ahead)
+        "maintenance", MAINTENANCE_INTERVAL_S, lambda: _maintain(db, content, settings)
     )
     maintenance.start()
     return App(
@@ -100,11 +101,15 @@ async def create_server(settings: Settings, database_url: str) -> App:
     )
 
 
-async def _maintain(content: ContentService, months_ahead: int) -> None:
-    """Keeps content partitions ready a year ahead (run now and every few hours)."""
+async def _maintain(db: Database, content: ContentService, settings: Settings) -> None:
+    """Run at start-up and every few hours: keeps content partitions ready a
+    year ahead and forgets request IDs past their retention."""
     try:
-        made = await content.prepare_partitions(months_ahead)
+        made = await content.prepare_partitions(settings.partitions_ahead)
         if made:
             log.info("created content partitions", extra={"count": made})
+        forgotten = await idempotency.forget_old_request_ids(db, settings.request_id_days)
+        if forgotten:
+            log.info("forgot expired request IDs", extra={"count": forgotten})
     except Exception as exc:  # the database may be down; the next round retries
-        log.warning("partition maintenance failed", extra={"error": repr(exc)})
+        log.warning("maintenance failed", extra={"error": repr(exc)})

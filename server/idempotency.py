@@ -6,15 +6,17 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from typing import TypeVar
 
 from google.protobuf.message import Message
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server import errors
 from server.auth import Principal
+from server.db import Database
 from server.protoconv import parse_uuid
 from server.tables import idempotency_keys
 
@@ -65,6 +67,15 @@ class IdempotencyRepository:
         ).one()
         return row.method, row.request_hash, row.response
 
+    async def forget_older_than(self, days: int) -> int:
+        """Deletes keys made more than `days` ago; returns how many."""
+        result = await self._conn.execute(
+            idempotency_keys.delete().where(
+                idempotency_keys.c.create_time < func.now() - timedelta(days=days)
+            )
+        )
+        return int(result.rowcount)
+
     async def save_response(
         self, owner: uuid.UUID, request_id: uuid.UUID, response: bytes, digest: bytes | None = None
     ) -> None:
@@ -78,6 +89,12 @@ class IdempotencyRepository:
             )
             .values(**values)
         )
+
+
+async def forget_old_request_ids(db: Database, days: int) -> int:
+    """Retention for request IDs: a retry later than `days` runs anew."""
+    async with db.write() as conn:
+        return await IdempotencyRepository(conn).forget_older_than(days)
 
 
 async def once(

@@ -31,5 +31,7 @@ class Settings(BaseSettings):
     log_level: str = Field(
         "INFO", validation_alias=AliasChoices("OBSERVATORY_LOG_LEVEL", "LOG_LEVEL")
     )
+    # Days a request_id keeps answering retries (AIP-155) before it is forgotten.
+    request_id_days: int = Field(7, alias="OBSERVATORY_REQUEST_ID_DAYS", ge=1)
     # Months of content partitions kept ready ahead of today.
     partitions_ahead: int = Field(12, alias="OBSERVATORY_PARTITIONS_AHEAD", ge=1)

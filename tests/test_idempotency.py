@@ -7,6 +7,7 @@ import grpc
 import pytest
 from observatory.v1 import content_pb2
 
+from server.idempotency import forget_old_request_ids
 from tests.helpers import expect_rpc_error, ingest_requests, make_content
 
 pytestmark = pytest.mark.asyncio
@@ -310,3 +311,38 @@ class TestIngestContent:
         assert first.inserted == 6000
         assert await content_count(db, alice) == 6000
         assert await audit_actions(db, alice) == ["content.ingest"]
+
+
+class TestRetention:
+    async def test_request_ids_past_retention_are_forgotten_and_recent_ones_kept(
+        self, app, content_stub, alice, db
+    ):
+        old_id, recent_id = str(uuid.uuid4()), str(uuid.uuid4())
+        for request_id in (old_id, recent_id):
+            await content_stub.CreateContent(
+                content_pb2.CreateContentRequest(content=make_content(), request_id=request_id),
+                metadata=alice.metadata,
+            )
+        await db.execute(
+            "UPDATE idempotency_keys SET create_time = now() - interval '8 days' "
+            "WHERE owner_id = $1 AND request_id = $2",
+            alice.user_id,
+            uuid.UUID(old_id),
+        )
+
+        assert await forget_old_request_ids(app.db, days=7) >= 1
+
+        kept = await db.fetch(
+            "SELECT request_id::text AS id FROM idempotency_keys WHERE owner_id = $1",
+            alice.user_id,
+        )
+        assert [row["id"] for row in kept] == [recent_id]
+        # A retry after the retention window runs anew.
+        await content_stub.CreateContent(
+            content_pb2.CreateContentRequest(content=make_content(), request_id=old_id),
+            metadata=alice.metadata,
+        )
+        assert (
+            await db.fetchval("SELECT count(*) FROM content WHERE owner_id = $1", alice.user_id)
+            == 3
+        )
