@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from google.protobuf.message import Message
@@ -38,28 +39,35 @@ def fingerprint(kind: str, *query: Message | str | None) -> str:
     return digest.hexdigest()[:24]
 
 
-def encode_token(query_fingerprint: str, key: list[Any]) -> str:
-    payload = json.dumps({"q": query_fingerprint, "k": key}, separators=(",", ":"), default=str)
+def encode_token(query_fingerprint: str, key: Sequence[Any]) -> str:
+    """A token for the page after the row whose sort key is `key` (datetimes
+    and UUIDs are written as text)."""
+    payload = json.dumps(
+        {"q": query_fingerprint, "k": list(key)}, separators=(",", ":"), default=str
+    )
     return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
 
 
 def decode_token(
-    token: str, query_fingerprint: str, *, field: str = "page_token"
-) -> list[Any] | None:
-    """The keyset of the previous page, or None for the first page."""
+    token: str, query_fingerprint: str, *parsers: Callable[[Any], Any], field: str = "page_token"
+) -> tuple[Any, ...] | None:
+    """The sort key of the previous page's last row, each part read back by its
+    parser (e.g. `datetime.fromisoformat`, `uuid.UUID`), or None for the first page."""
     if not token:
         return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         payload = json.loads(raw)
-        key = payload["k"]
-        query = payload["q"]
+        key, query = payload["k"], payload["q"]
     except (ValueError, KeyError, TypeError):
         raise errors.InvalidArgument(field, "is not a token this service issued") from None
     if query != query_fingerprint:
         raise errors.InvalidArgument(
             field, "belongs to a different query; keep the filter unchanged while paging"
         )
-    if not isinstance(key, list):
-        raise errors.InvalidArgument(field, "is not a token this service issued")
-    return key
+    try:
+        if not isinstance(key, list) or len(key) != len(parsers):
+            raise ValueError(key)
+        return tuple(parse(part) for parse, part in zip(parsers, key, strict=True))
+    except (TypeError, ValueError):
+        raise errors.InvalidArgument(field, "is not a token this service issued") from None

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any
 
 from observatory.v1 import admin_pb2
 
-from server import errors, pagination
+from server import pagination
 from server.audit import AuditRepository
 from server.auth import Principal
 from server.db import Database
@@ -30,7 +29,9 @@ class AdminService:
         token_query = pagination.fingerprint(
             "ListAuditLog", request.user_id, request.action, str(after), str(before)
         )
-        page_after = _audit_key(pagination.decode_token(request.page_token, token_query))
+        page_after = pagination.decode_token(
+            request.page_token, token_query, datetime.fromisoformat, uuid.UUID
+        )
         async with self._db.read() as conn:
             rows = await AuditRepository(conn).list(
                 user_id=user_id,
@@ -53,16 +54,6 @@ class AdminService:
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = pagination.encode_token(
-                token_query, [last["create_time"].isoformat(), str(last["id"])]
+                token_query, (last["create_time"], last["id"])
             )
         return response
-
-
-def _audit_key(key: list[Any] | None) -> tuple[datetime, uuid.UUID] | None:
-    if key is None:
-        return None
-    try:
-        create_time, entry_id = key
-        return datetime.fromisoformat(create_time), uuid.UUID(entry_id)
-    except (TypeError, ValueError):
-        raise errors.InvalidArgument("page_token", "is not a token this service issued") from None

@@ -118,7 +118,9 @@ class ContentService:
         query = content_query(caller, request.filter)
         size = pagination.page_size(request.page_size)
         token_query = pagination.fingerprint("ListContent", request.filter, str(query.owner_id))
-        after = _list_key(pagination.decode_token(request.page_token, token_query))
+        after = pagination.decode_token(
+            request.page_token, token_query, datetime.fromisoformat, uuid.UUID
+        )
         async with self._db.read() as conn:
             rows = await ContentRepository(conn).find_page(query, after=after, limit=size + 1)
         response = content_pb2.ListContentResponse()
@@ -127,7 +129,7 @@ class ContentService:
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = pagination.encode_token(
-                token_query, [last["published_at"].isoformat(), str(last["id"])]
+                token_query, (last["published_at"], last["id"])
             )
         return response
 
@@ -195,7 +197,7 @@ class ContentService:
             raise errors.InvalidArgument("filter.query", "is required for SearchContent")
         size = pagination.page_size(request.page_size)
         token_query = pagination.fingerprint("SearchContent", request.filter, str(query.owner_id))
-        after = _search_key(pagination.decode_token(request.page_token, token_query))
+        after = pagination.decode_token(request.page_token, token_query, float, uuid.UUID)
         async with self._db.read() as conn:
             rows = await ContentRepository(conn).search(query, after=after, limit=size + 1)
         response = content_pb2.SearchContentResponse()
@@ -205,7 +207,7 @@ class ContentService:
         if len(rows) > size:
             last = rows[size - 1]
             response.next_page_token = pagination.encode_token(
-                token_query, [last["rank"], str(last["id"])]
+                token_query, (last["rank"], last["id"])
             )
         return response
 
@@ -405,23 +407,3 @@ def _mask_fields(mask: field_mask_pb2.FieldMask) -> frozenset[str]:
                 f"update_mask.paths[{i}]", f"{path!r} is not a field of Content"
             )
     return frozenset(fields)
-
-
-def _list_key(key: list[Any] | None) -> tuple[datetime, uuid.UUID] | None:
-    if key is None:
-        return None
-    try:
-        published_at, content_id = key
-        return datetime.fromisoformat(published_at), uuid.UUID(content_id)
-    except (TypeError, ValueError):
-        raise errors.InvalidArgument("page_token", "is not a token this service issued") from None
-
-
-def _search_key(key: list[Any] | None) -> tuple[float, uuid.UUID] | None:
-    if key is None:
-        return None
-    try:
-        rank, content_id = key
-        return float(rank), uuid.UUID(content_id)
-    except (TypeError, ValueError):
-        raise errors.InvalidArgument("page_token", "is not a token this service issued") from None
