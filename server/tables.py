@@ -47,6 +47,9 @@ def _uuid_pk_default() -> TextClause:
     return text("uuidv7()")
 
 
+# An item's identity per owner: ingest and create skip or refuse a second one.
+CONTENT_NATURAL_KEY = ("owner_id", "platform", "platform_id", "published_at")
+
 content = Table(
     "content",
     metadata,
@@ -79,7 +82,7 @@ content = Table(
     Column("delete_time", DateTime(timezone=True)),
     Column("search_vector", TSVECTOR, Computed(CONTENT_SEARCH_VECTOR, persisted=True)),
     PrimaryKeyConstraint("id", "published_at"),
-    UniqueConstraint("owner_id", "platform", "platform_id", "published_at"),
+    UniqueConstraint(*CONTENT_NATURAL_KEY, name="uq_content_natural_key"),
     postgresql_partition_by="RANGE (published_at)",
 )
 

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.content.convert import INSERT_COLUMNS
 from server.db import PreparedStatement, driver_connection
-from server.tables import CONTENT_TS_CONFIG, content
+from server.tables import CONTENT_NATURAL_KEY, CONTENT_TS_CONFIG, content
 
 # Everything but the (large, derived) full-text vector.
 COLUMNS = [column for column in content.c if column.name != "search_vector"]
@@ -124,9 +124,7 @@ class ContentRepository:
         statement = (
             insert(content)
             .values(**values)
-            .on_conflict_do_nothing(
-                index_elements=["owner_id", "platform", "platform_id", "published_at"]
-            )
+            .on_conflict_do_nothing(index_elements=CONTENT_NATURAL_KEY)
             .returning(*COLUMNS)
         )
         return (await self._conn.execute(statement)).mappings().first()
@@ -142,21 +140,13 @@ class ContentRepository:
         )
         return (await self._conn.execute(statement)).mappings().first()
 
-    async def natural_key_taken(
-        self,
-        owner_id: uuid.UUID,
-        platform: str,
-        platform_id: str | None,
-        published_at: datetime,
-        other_than: uuid.UUID,
-    ) -> bool:
-        if platform_id is None:
+    async def natural_key_taken(self, key: Mapping[str, Any], other_than: uuid.UUID) -> bool:
+        """Whether another row holds the natural key in `key` (a mapping with
+        every CONTENT_NATURAL_KEY column). Without a platform_id there is none."""
+        if key["platform_id"] is None:
             return False
         query: Select[Any] = select(literal_column("1")).where(
-            content.c.owner_id == owner_id,
-            content.c.platform == platform,
-            content.c.platform_id == platform_id,
-            content.c.published_at == published_at,
+            *(content.c[column] == key[column] for column in CONTENT_NATURAL_KEY),
             content.c.id != other_than,
         )
         return (await self._conn.execute(query)).first() is not None
@@ -246,7 +236,7 @@ class ContentRepository:
         status = await driver.execute(
             f"INSERT INTO content ({columns}) SELECT {columns} FROM {STAGING_TABLE} "
             "WHERE stream_index BETWEEN $1 AND $2 "
-            "ON CONFLICT (owner_id, platform, platform_id, published_at) DO NOTHING",
+            f"ON CONFLICT ({', '.join(CONTENT_NATURAL_KEY)}) DO NOTHING",
             first,
             last,
         )

@@ -21,6 +21,7 @@ from server.content import convert
 from server.content.repository import ContentQuery, ContentRepository, lookup_content
 from server.db import Database, sqlstate
 from server.protoconv import parse_uuid, timestamp_field
+from server.tables import CONTENT_NATURAL_KEY
 
 INGEST_BATCH_ROWS = 5000
 MAX_REPORTED_ERRORS = 10_000
@@ -156,13 +157,8 @@ class ContentService:
                 changes["content_hash"] = convert.content_hash(
                     merged["title"], merged["text_content"]
                 )
-            key_fields = {"platform", "platform_id", "published_at"}
-            if key_fields & fields and await repo.natural_key_taken(
-                current["owner_id"],
-                merged["platform"],
-                merged["platform_id"],
-                merged["published_at"],
-                content_id,
+            if fields & set(CONTENT_NATURAL_KEY) and await repo.natural_key_taken(
+                merged, content_id
             ):
                 raise errors.AlreadyExists(
                     "content with this platform, platform_id and published_at already exists"
