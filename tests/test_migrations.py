@@ -8,8 +8,13 @@ from datetime import UTC, datetime
 import asyncpg
 import pytest
 import pytest_asyncio
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import migrate
+from server.db import normalize_database_url
+from server.tables import metadata
 
 pytestmark = pytest.mark.asyncio
 
@@ -80,3 +85,25 @@ async def test_new_partition_takes_its_rows_out_of_the_default_partition(db):
     assert made == 1
     assert await db.fetchval(where, owner) == "content_p209105"
     assert await db.fetchval("SELECT count(*) FROM content WHERE owner_id = $1", owner) == 1
+
+
+def _is_partition(obj, name, type_, reflected, compare_to) -> bool:
+    return type_ == "table" and (name.startswith("content_p") or name == "content_default")
+
+
+async def test_the_tables_the_code_uses_match_what_the_migrations_made(database_url):
+    url, connect_args = normalize_database_url(database_url)
+    engine = create_async_engine(url, connect_args=connect_args)
+    try:
+        async with engine.connect() as conn:
+            differences = await conn.run_sync(
+                lambda sync: compare_metadata(
+                    MigrationContext.configure(
+                        sync, opts={"include_object": lambda *a: not _is_partition(*a)}
+                    ),
+                    metadata,
+                )
+            )
+    finally:
+        await engine.dispose()
+    assert differences == []

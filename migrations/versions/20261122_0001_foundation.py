@@ -117,7 +117,7 @@ def upgrade() -> None:
         sa.Column("search_vector", pg.TSVECTOR, sa.Computed(SEARCH_VECTOR, persisted=True)),
         sa.PrimaryKeyConstraint("id", "published_at", name="pk_content"),
         sa.UniqueConstraint(
-            "owner_id", "platform", "platform_id", "published_at", name="uq_content_owner_id"
+            "owner_id", "platform", "platform_id", "published_at", name="uq_content_natural_key"
         ),
         postgresql_partition_by="RANGE (published_at)",
     )
