@@ -88,16 +88,17 @@ def content_hash(title: str | None, text_content: str | None) -> str | None:
     return hashlib.sha256(normalised.encode()).hexdigest()
 
 
-def _check_text(field: str, value: str) -> str | None:
+def _check_text(field: str, value: str, max_bytes: int | None = None) -> str | None:
+    """`value`, or None when empty; refused if PostgreSQL could not store it
+    (NUL) or index it (over `max_bytes` of UTF-8)."""
     if not value:
         return None
     if "\x00" in value:
         raise errors.InvalidArgument(field, "must not contain NUL characters")
     if len(value) > MAX_TEXT:
         raise errors.InvalidArgument(field, f"is longer than {MAX_TEXT} characters")
-    limit = MAX_INDEXED_BYTES.get(field)
-    if limit is not None and len(value.encode()) > limit:
-        raise errors.InvalidArgument(field, f"is longer than {limit} bytes (UTF-8)")
+    if max_bytes is not None and len(value.encode()) > max_bytes:
+        raise errors.InvalidArgument(field, f"is longer than {max_bytes} bytes (UTF-8)")
     return value
 
 
@@ -122,7 +123,7 @@ def writable_values(
     values: dict[str, Any] = {}
     for name in TEXT_FIELDS:
         if name in fields:
-            values[name] = _check_text(name, getattr(message, name))
+            values[name] = _check_text(name, getattr(message, name), MAX_INDEXED_BYTES.get(name))
     if values.get("language") and not _LANGUAGE.fullmatch(values["language"]):
         raise errors.InvalidArgument("language", "must be a BCP 47 tag such as 'en' or 'pt-BR'")
     if values.get("url"):
@@ -141,14 +142,7 @@ def writable_values(
     if "search_terms_matched" in fields:
         terms = list(message.search_terms_matched)
         for i, term in enumerate(terms):
-            if "\x00" in term:
-                raise errors.InvalidArgument(
-                    f"search_terms_matched[{i}]", "must not contain NUL characters"
-                )
-            if len(term.encode()) > MAX_KEY_BYTES:
-                raise errors.InvalidArgument(
-                    f"search_terms_matched[{i}]", f"is longer than {MAX_KEY_BYTES} bytes (UTF-8)"
-                )
+            _check_text(f"search_terms_matched[{i}]", term, MAX_KEY_BYTES)
         values["search_terms_matched"] = terms
     if "raw_metadata" in fields:
         values["raw_metadata"] = metadata_value(message.raw_metadata)
