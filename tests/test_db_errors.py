@@ -41,7 +41,7 @@ async def test_data_exception_is_invalid_argument(engine):
 
 
 async def test_lock_timeout_is_aborted(engine, db):
-    await db.execute("CREATE TABLE IF NOT EXISTS lock_probe (k int)")
+    await db.execute("CREATE TABLE lock_probe (k int)")
     transaction = db.transaction()
     await transaction.start()
     await db.execute("LOCK TABLE lock_probe IN ACCESS EXCLUSIVE MODE")
@@ -51,6 +51,7 @@ async def test_lock_timeout_is_aborted(engine, db):
         )
     finally:
         await transaction.rollback()
+        await db.execute("DROP TABLE lock_probe")
     assert isinstance(classify_database_error(error), errors.Aborted)
 
 
