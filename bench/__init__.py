@@ -3,5 +3,5 @@
 Not part of the test suite. One run starts a fresh embedded PostgreSQL
 database in .data/bench, migrates it, runs the service under test in its own
 process, measures ingest, GetContent and ListContent against their baselines
-(raw asyncpg, and a bare grpc.aio server) and writes bench/results.md.
+(raw asyncpg, and a bare grpc.aio server) and writes bench/results/content.md.
 """

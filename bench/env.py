@@ -25,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / ".data" / "bench"
 DATABASE = "observatory_bench"
-RESULTS = Path(__file__).resolve().parent / "results.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS = RESULTS_DIR / "content.md"
 
 
 def ensure_h2load() -> str:

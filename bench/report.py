@@ -1,5 +1,5 @@
 """The results table: printed, and written with the machine facts to
-bench/results.md."""
+bench/results/content.md."""
 
 from __future__ import annotations
 

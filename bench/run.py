@@ -88,7 +88,7 @@ class Config:
 
 
 def parse_args(argv: Sequence[str] | None) -> Config:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m bench content", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, for development")
     parser.add_argument("--rows", type=int, help="rows to ingest (200,000; quick 20,000)")
     parser.add_argument("--batch-rows", type=int, default=1000, help="rows per ingest message")
