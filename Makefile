@@ -8,17 +8,19 @@ STAMP := $(VENV)/.installed
 BUF_VERSION := 1.75.0
 BUF := tools/node_modules/.bin/buf
 PROTO_FILES := $(wildcard protos/observatory/v1/*.proto)
+# The last released contract: `buf breaking` compares the protos against it.
+RELEASED_PROTOS := released/observatory-v1.binpb
 
-.PHONY: help install run test lint protos check-protos token migrate bench clean
+.PHONY: help install run test lint protos check-protos release-protos token migrate bench clean
 
 help:
 	@echo "make run      set up everything and serve on \$${OBSERVATORY_LISTEN:-127.0.0.1:50051}"
 	@echo "make test     set up everything and run the test suite"
-	@echo "make lint     ruff, mypy, buf lint, stale-stub check"
+	@echo "make lint     ruff, mypy, buf lint and breaking, stale-stub check"
 	@echo "make protos   regenerate generated/ from protos/"
 	@echo "make token    print a dev JWT (ROLE=admin for an admin one, SUB=<uuid> to choose the user)"
 	@echo "make migrate  alembic upgrade head against DATABASE_URL (or the embedded database)"
-	@echo "make bench    run the benchmarks and write bench/results.md"
+	@echo "make bench    run the benchmarks and write bench/results/content.md"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,11 +65,17 @@ $(BUF):
 	mkdir -p tools
 	cd tools && npm install --silent --no-audit --no-fund --no-save @bufbuild/buf@$(BUF_VERSION)
 
+# Run when a contract is released (the protos of a landed change): later
+# changes must then stay wire- and source-compatible with it.
+release-protos: $(BUF)
+	cd protos && ../$(BUF) build -o $(RELEASED_PROTOS)
+
 lint: $(STAMP) $(BUF)
 	$(VENV)/bin/ruff check server tests bench migrations
 	$(VENV)/bin/ruff format --check server tests bench migrations
 	$(VENV)/bin/mypy
 	cd protos && ../$(BUF) lint
+	cd protos && ../$(BUF) breaking --against $(RELEASED_PROTOS)
 	$(MAKE) --no-print-directory check-protos
 
 bench: $(STAMP)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -15,6 +16,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _DuplicateKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DuplicateKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DuplicateKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DUPLICATE_KIND_UNSPECIFIED: _DuplicateKind.ValueType  # 0
+    DUPLICATE_KIND_URL: _DuplicateKind.ValueType  # 1
+    """Same URL after normalisation (see server/urls.py)."""
+    DUPLICATE_KIND_HASH: _DuplicateKind.ValueType  # 2
+    """Same SHA-256 of the normalised text."""
+    DUPLICATE_KIND_SEMANTIC: _DuplicateKind.ValueType  # 3
+    """A nearest neighbour above the cosine-similarity threshold."""
+
+class DuplicateKind(_DuplicateKind, metaclass=_DuplicateKindEnumTypeWrapper):
+    """Why two items are considered the same. Shared by ContentService.FindDuplicates
+    (URL, HASH) and VectorService.CheckDuplicate (URL, SEMANTIC).
+    """
+
+DUPLICATE_KIND_UNSPECIFIED: DuplicateKind.ValueType  # 0
+DUPLICATE_KIND_URL: DuplicateKind.ValueType  # 1
+"""Same URL after normalisation (see server/urls.py)."""
+DUPLICATE_KIND_HASH: DuplicateKind.ValueType  # 2
+"""Same SHA-256 of the normalised text."""
+DUPLICATE_KIND_SEMANTIC: DuplicateKind.ValueType  # 3
+"""A nearest neighbour above the cosine-similarity threshold."""
+Global___DuplicateKind: _TypeAlias = DuplicateKind  # noqa: Y015
 
 @_typing.final
 class ItemError(_message.Message):
