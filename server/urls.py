@@ -1,0 +1,64 @@
+"""URL normalisation for duplicate finding (ContentService.FindDuplicates and
+VectorService.CheckDuplicate share it, so both agree on what "the same URL" is)."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+# Query parameters that only track where a click came from.
+TRACKING_PARAMS = frozenset({"fbclid", "gclid", "ref", "source", "_ga"})
+TRACKING_PREFIXES = ("utm_",)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _is_tracking(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in TRACKING_PARAMS or lowered.startswith(TRACKING_PREFIXES)
+
+
+def normalize_url(url: str | None) -> str | None:
+    """The key two URLs share when they point at the same page, or None for an
+    empty or unparseable URL.
+
+    Rules (the contract's, plus the obvious ones): the host is lower-cased and
+    loses a leading ``www.`` and a default port; ``utm_*``, ``fbclid``,
+    ``gclid``, ``ref``, ``source`` and ``_ga`` are dropped and the remaining
+    query parameters sorted; the path loses its trailing slash; the fragment
+    and any user info are dropped. ``http`` and ``https`` are treated as the
+    same page, and a URL written without a scheme (``example.com/a``) as https.
+    URLs of other schemes are returned stripped but otherwise as given.
+    """
+    if url is None:
+        return None
+    text = url.strip()
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        if not parts.netloc and not parts.scheme:
+            parts = urlsplit("//" + text)
+        scheme = parts.scheme.lower() or "https"
+        if scheme not in _DEFAULT_PORTS:
+            return text
+        host = (parts.hostname or "").rstrip(".")
+        port = parts.port
+    except ValueError:  # e.g. a port that is not a number, or a bad IPv6 literal
+        return None
+    if not host:
+        return None
+    if host.startswith("www."):
+        host = host[4:]
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    if port is not None and port != _DEFAULT_PORTS[scheme]:
+        host = f"{host}:{port}"
+    path = parts.path.rstrip("/")
+    query = sorted(
+        (name, value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if not _is_tracking(name)
+    )
+    normalized = f"https://{host}{path}"
+    if query:
+        normalized += "?" + urlencode(query)
+    return normalized

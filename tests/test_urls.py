@@ -1,0 +1,88 @@
+"""normalize_url: the contract's rules for "the same URL"."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.urls import normalize_url
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("https://Example.COM/a", "https://example.com/a"),
+        ("https://www.example.com/a", "https://example.com/a"),
+        ("https://example.com/a/", "https://example.com/a"),
+        ("https://example.com/", "https://example.com"),
+        ("https://example.com", "https://example.com"),
+        ("http://example.com/a", "https://example.com/a"),
+        ("example.com/a", "https://example.com/a"),
+        ("https://example.com:443/a", "https://example.com/a"),
+        ("http://example.com:80/a", "https://example.com/a"),
+        ("https://example.com:8443/a", "https://example.com:8443/a"),
+        ("https://example.com/a#comments", "https://example.com/a"),
+        ("https://user:pw@example.com/a", "https://example.com/a"),
+        ("  https://example.com/a  ", "https://example.com/a"),
+        ("https://example.com./a", "https://example.com/a"),
+        ("https://[::1]:8080/a", "https://[::1]:8080/a"),
+    ],
+)
+def test_host_path_and_scheme_are_normalised(given: str, expected: str) -> None:
+    assert normalize_url(given) == expected
+
+
+def test_path_case_is_kept_because_servers_may_tell_it_apart() -> None:
+    assert normalize_url("https://example.com/A") != normalize_url("https://example.com/a")
+
+
+@pytest.mark.parametrize(
+    "tracking",
+    [
+        "utm_source=x",
+        "utm_medium=social",
+        "UTM_Campaign=y",
+        "fbclid=1",
+        "gclid=2",
+        "ref=tw",
+        "source=feed",
+        "_ga=3",
+    ],
+)
+def test_tracking_parameters_are_dropped(tracking: str) -> None:
+    assert normalize_url(f"https://example.com/a?id=7&{tracking}") == "https://example.com/a?id=7"
+
+
+def test_remaining_query_parameters_are_sorted() -> None:
+    assert normalize_url("https://example.com/a?b=2&a=1&utm_source=x") == (
+        "https://example.com/a?a=1&b=2"
+    )
+    assert normalize_url("https://example.com/a?b=2&a=1") == normalize_url(
+        "https://www.example.com/a/?a=1&b=2&fbclid=z#top"
+    )
+
+
+def test_blank_values_and_repeated_names_survive() -> None:
+    assert normalize_url("https://example.com/?q=&tag=b&tag=a") == (
+        "https://example.com?q=&tag=a&tag=b"
+    )
+
+
+def test_a_url_of_only_tracking_parameters_loses_its_query() -> None:
+    assert normalize_url("https://example.com/a?utm_source=x&ref=y") == "https://example.com/a"
+
+
+def test_different_pages_stay_different() -> None:
+    assert normalize_url("https://example.com/a?id=1") != normalize_url(
+        "https://example.com/a?id=2"
+    )
+    assert normalize_url("https://example.com/a") != normalize_url("https://example.org/a")
+    assert normalize_url("https://blog.example.com/a") != normalize_url("https://example.com/a")
+
+
+@pytest.mark.parametrize("given", [None, "", "   ", "https://", "https://example.com:notaport/a"])
+def test_empty_or_unparseable_urls_have_no_key(given: str | None) -> None:
+    assert normalize_url(given) is None
+
+
+def test_other_schemes_are_returned_as_given() -> None:
+    assert normalize_url(" mailto:someone@example.com ") == "mailto:someone@example.com"
