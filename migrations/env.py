@@ -10,7 +10,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from server.db import normalize_database_url
-from server.tables import metadata
+from server.schema import metadata
 
 config = context.config
 target_metadata = metadata

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import migrate
 from server.db import normalize_database_url
-from server.tables import metadata
+from server.schema import metadata
 
 pytestmark = pytest.mark.asyncio
 

@@ -1,0 +1,10 @@
+"""Every table the service uses, on one MetaData: what Alembic compares the
+migrations against. Each domain keeps its tables beside its repository
+(`server/<domain>/tables.py`) on `server.tables.metadata`; importing them here
+registers them."""
+
+from __future__ import annotations
+
+from server.tables import metadata
+
+__all__ = ["metadata"]
