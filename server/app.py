@@ -9,9 +9,18 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from observatory.v1 import admin_pb2, admin_pb2_grpc, content_pb2, content_pb2_grpc
+from observatory.v1 import (
+    actor_pb2,
+    actor_pb2_grpc,
+    admin_pb2,
+    admin_pb2_grpc,
+    content_pb2,
+    content_pb2_grpc,
+)
 
 from server import idempotency
+from server.actors.service import ActorService
+from server.actors.servicer import ActorServicer
 from server.admin.service import AdminService
 from server.admin.servicer import AdminServicer
 from server.auth import Authenticator
@@ -31,6 +40,7 @@ MAINTENANCE_INTERVAL_S = 6 * 3600
 SERVICE_NAMES = (
     content_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    actor_pb2.DESCRIPTOR.services_by_name["ActorService"].full_name,
 )
 
 
@@ -76,6 +86,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
     )
     content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
+    actor_pb2_grpc.add_ActorServiceServicer_to_server(ActorServicer(ActorService(db)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:

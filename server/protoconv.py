@@ -8,7 +8,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from google.protobuf import struct_pb2, timestamp_pb2
+from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from server import errors
@@ -80,3 +80,24 @@ def _text(value: str) -> str:
 
 def dict_to_struct(value: dict[str, Any], target: struct_pb2.Struct) -> None:
     target.update(value)
+
+
+def mask_fields(
+    mask: field_mask_pb2.FieldMask,
+    writable: frozenset[str],
+    output_only: frozenset[str],
+    message_name: str,
+) -> frozenset[str]:
+    """The writable fields an update_mask names (AIP-134): all of them when
+    it is empty; output-only paths are ignored, unknown ones refused."""
+    if not mask.paths:
+        return writable
+    fields = set()
+    for i, path in enumerate(mask.paths):
+        if path in writable:
+            fields.add(path)
+        elif path not in output_only:
+            raise errors.InvalidArgument(
+                f"update_mask.paths[{i}]", f"{path!r} is not a field of {message_name}"
+            )
+    return frozenset(fields)

@@ -5,6 +5,7 @@ registers them."""
 
 from __future__ import annotations
 
+import server.actors.tables  # noqa: F401  (registers the actor tables)
 from server.tables import metadata
 
 __all__ = ["metadata"]

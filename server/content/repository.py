@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import REGCONFIG, insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server.actors.tables import actor_presences
 from server.content.convert import INSERT_COLUMNS
 from server.db import PreparedStatement, driver_connection
 from server.tables import CONTENT_NATURAL_KEY, CONTENT_TS_CONFIG, content
@@ -120,7 +121,20 @@ class ContentRepository:
         return await lookup_content(await driver_connection(self._conn), content_id, owner_id)
 
     async def insert(self, values: dict[str, Any]) -> RowMapping | None:
-        """The new row, or None when the natural key is taken."""
+        """The new row, or None when the natural key is taken. Without an
+        author_id, it gets the actor whose presence is its author's account."""
+        if values.get("author_id") is None and values.get("author_platform_id"):
+            p = actor_presences.c
+            values = {
+                **values,
+                "author_id": select(p.actor_id)
+                .where(
+                    p.owner_id == values["owner_id"],
+                    p.platform == values["platform"],
+                    p.platform_user_id == values["author_platform_id"],
+                )
+                .scalar_subquery(),
+            }
         statement = (
             insert(content)
             .values(**values)
@@ -233,9 +247,16 @@ class ContentRepository:
         the natural key). Raises the database's error when any row is refused."""
         driver = await driver_connection(self._conn)
         columns = ", ".join(INSERT_COLUMNS)
+        # A row with no author_id gets the actor whose presence is its author's account.
+        values = ", ".join(
+            "coalesce(s.author_id, p.actor_id)" if column == "author_id" else f"s.{column}"
+            for column in INSERT_COLUMNS
+        )
         status = await driver.execute(
-            f"INSERT INTO content ({columns}) SELECT {columns} FROM {STAGING_TABLE} "
-            "WHERE stream_index BETWEEN $1 AND $2 "
+            f"INSERT INTO content ({columns}) SELECT {values} FROM {STAGING_TABLE} s "
+            "LEFT JOIN actor_presences p ON p.owner_id = s.owner_id "
+            "AND p.platform = s.platform AND p.platform_user_id = s.author_platform_id "
+            "WHERE s.stream_index BETWEEN $1 AND $2 "
             f"ON CONFLICT ({', '.join(CONTENT_NATURAL_KEY)}) DO NOTHING",
             first,
             last,
