@@ -170,6 +170,9 @@ class PreparedStatement:
     async def fetchrow(self, driver: asyncpg.Connection, **params: Any) -> asyncpg.Record | None:
         return await driver.fetchrow(self.sql, *(params[name] for name in self._names))
 
+    async def fetch(self, driver: asyncpg.Connection, **params: Any) -> list[asyncpg.Record]:
+        return list(await driver.fetch(self.sql, *(params[name] for name in self._names)))
+
 
 # SQLSTATE classes and codes that mean "the database is not there right now".
 _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400"}

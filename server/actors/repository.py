@@ -10,21 +10,26 @@ from typing import Any
 import asyncpg
 from sqlalchemy import (
     ColumnElement,
+    Float,
+    Integer,
     Select,
+    Text,
     bindparam,
+    column,
     func,
     literal,
     literal_column,
     select,
+    text,
     tuple_,
     union_all,
 )
-from sqlalchemy.dialects.postgresql import aggregate_order_by, insert
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, aggregate_order_by, insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.actors.tables import PRESENCE_ACCOUNT_KEY, actor_aliases, actor_presences, actors
-from server.db import PreparedStatement, driver_connection
+from server.db import PreparedStatement
 from server.tables import content
 
 _PRESENCE_COLUMNS = (
@@ -133,6 +138,20 @@ async def resolve_actor(
     return await statement.fetchrow(driver, **params)
 
 
+async def find_candidates(
+    driver: asyncpg.Connection,
+    actor_id: uuid.UUID,
+    owner_id: uuid.UUID | None,
+    threshold: float,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """The best `limit` candidates (actor details, strategy 1..3, similarity,
+    platforms); none when the actor is not visible to `owner_id`. Runs inside
+    the caller's transaction, which the threshold setting is local to."""
+    await driver.execute(SET_THRESHOLD_SQL, str(threshold))
+    return await CANDIDATES.fetch(driver, actor_id=actor_id, owner=owner_id, limit=limit)
+
+
 def escape_like(value: str) -> str:
     """`value` as a LIKE pattern that matches it literally (backslash escapes)."""
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
@@ -148,22 +167,25 @@ class ActorQuery:
     show_deleted: bool = False
 
 
-# FindCandidateMatches in one statement ($1 the actor, $2 the limit). The
-# trigram strategy uses pg_trgm's % operator, which the GIN indexes on
-# lower(canonical_name) and lower(alias) serve; its threshold is
-# pg_trgm.similarity_threshold, set for the transaction just before.
-CANDIDATES_SQL = """
+# FindCandidateMatches: the best candidates of one actor (visible to :owner
+# unless it is NULL), by strategy then similarity. The trigram strategy uses
+# pg_trgm's % operator, which the GIN indexes on lower(canonical_name) and
+# lower(alias) serve; its threshold is pg_trgm.similarity_threshold, set for
+# the transaction just before (SET_THRESHOLD).
+_CANDIDATES_SQL = """
 WITH target AS (
-  SELECT id, owner_id, lower(canonical_name) AS name FROM actors WHERE id = $1
+  SELECT id, owner_id, lower(canonical_name) AS name FROM actors
+   WHERE id = :actor_id AND (CAST(:owner AS uuid) IS NULL OR owner_id = CAST(:owner AS uuid))
 ),
 names AS (
   SELECT name FROM target
   UNION
-  SELECT lower(al.alias) FROM actor_aliases al WHERE al.actor_id = $1
+  SELECT lower(al.alias) FROM target t JOIN actor_aliases al ON al.actor_id = t.id
 ),
 handles AS (
-  SELECT DISTINCT lower(p.username) AS username FROM actor_presences p
-   WHERE p.actor_id = $1 AND p.username IS NOT NULL
+  SELECT DISTINCT lower(p.username) AS username
+    FROM target t JOIN actor_presences p ON p.actor_id = t.id
+   WHERE p.username IS NOT NULL
 ),
 matches AS (
   SELECT a.id AS actor_id, 1 AS strategy, 1.0::real AS similarity
@@ -193,14 +215,43 @@ matches AS (
 best AS (
   SELECT DISTINCT ON (m.actor_id) m.actor_id, m.strategy, m.similarity
     FROM matches m
-   WHERE m.actor_id <> $1
+   WHERE m.actor_id <> :actor_id
    ORDER BY m.actor_id, m.strategy, m.similarity DESC
 )
-SELECT b.actor_id, b.strategy, b.similarity
-  FROM best b JOIN actors a ON a.id = b.actor_id AND a.delete_time IS NULL
+SELECT b.actor_id, b.strategy, b.similarity,
+       ARRAY(
+         SELECT DISTINCT p.platform FROM actor_presences p
+          WHERE p.actor_id = b.actor_id
+            AND (b.strategy <> 2 OR lower(p.username) IN (SELECT username FROM handles))
+          ORDER BY 1
+       ) AS platforms
+  FROM best b
+ -- A subplan, not a join: one primary-key probe per candidate, never a scan.
+ WHERE (SELECT a.delete_time IS NULL FROM actors a WHERE a.id = b.actor_id)
  ORDER BY b.strategy, b.similarity DESC, b.actor_id
- LIMIT $2
+ LIMIT :limit
 """
+_candidates = (
+    text(_CANDIDATES_SQL)
+    .columns(
+        column("actor_id", UUID(as_uuid=True)),
+        column("strategy", Integer),
+        column("similarity", Float),
+        column("platforms", ARRAY(Text)),
+    )
+    .subquery("candidates")
+)
+# The candidates with their details, best first; parameters actor_id, owner, limit.
+CANDIDATES = PreparedStatement(
+    select(
+        *DETAILS,
+        _candidates.c.strategy,
+        _candidates.c.similarity,
+        _candidates.c.platforms.label("platforms"),
+    )
+    .join_from(actors, _candidates, actors.c.id == _candidates.c.actor_id)
+    .order_by(_candidates.c.strategy, _candidates.c.similarity.desc(), actors.c.id)
+)
 SET_THRESHOLD_SQL = "SELECT set_config('pg_trgm.similarity_threshold', $1, true)"
 
 
@@ -344,17 +395,6 @@ class ActorRepository:
         return set((await self._conn.execute(query)).scalars())
 
     # -- entity resolution -------------------------------------------------------
-
-    async def candidates(
-        self, actor_id: uuid.UUID, threshold: float, limit: int
-    ) -> list[asyncpg.Record]:
-        """(actor_id, strategy 1..3, similarity) of the best `limit` candidates."""
-        # A statement through SQLAlchemy first, so the driver runs in the transaction.
-        await self._conn.execute(
-            select(func.set_config("pg_trgm.similarity_threshold", str(threshold), True))
-        )
-        driver = await driver_connection(self._conn)
-        return list(await driver.fetch(CANDIDATES_SQL, actor_id, limit))
 
     # -- merge and split ---------------------------------------------------------
 

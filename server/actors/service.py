@@ -21,6 +21,7 @@ from server.actors import convert
 from server.actors.repository import (
     ActorQuery,
     ActorRepository,
+    find_candidates,
     lookup_actor,
     resolve_actor,
 )
@@ -243,33 +244,21 @@ class ActorService:
         limit = pagination.page_size(request.limit, maximum=MAX_CANDIDATES, field="limit")
         if not request.limit:
             limit = DEFAULT_CANDIDATES
-        # A transaction only for the threshold setting, which is local to it.
-        async with self._db.write() as conn:
-            repo = ActorRepository(conn)
-            target = await repo.get(actor_id, _owner_scope(caller))
-            if target is None:
+        owner_id = _owner_scope(caller)
+        # A read-only transaction on a bare connection: the threshold setting is
+        # local to it, and the hot path skips SQLAlchemy.
+        async with self._db.lookup() as driver, driver.transaction(readonly=True):
+            rows = await find_candidates(driver, actor_id, owner_id, threshold, limit)
+            if not rows and await lookup_actor(driver, actor_id, owner_id) is None:
                 raise errors.NotFound(f"actor {actor_id} not found")
-            matches = await repo.candidates(actor_id, threshold, limit)
-            actors = await repo.get_many([match["actor_id"] for match in matches])
-        handles = {p["username"].lower() for p in target["presences"] if p["username"]}
         response = actor_pb2.FindCandidateMatchesResponse()
-        for match in matches:
-            row = actors.get(match["actor_id"])
-            if row is None:  # removed between the two statements
-                continue
-            strategy = _STRATEGIES[match["strategy"]]
-            candidate = response.candidates.add(similarity=match["similarity"], strategy=strategy)
-            convert.to_proto(row, candidate.actor)
-            shared = strategy == actor_pb2.MATCH_STRATEGY_SHARED_USERNAME
-            candidate.platforms.extend(
-                sorted(
-                    {
-                        p["platform"]
-                        for p in row["presences"]
-                        if not shared or (p["username"] or "").lower() in handles
-                    }
-                )
+        for row in rows:
+            candidate = response.candidates.add(
+                similarity=row["similarity"],
+                strategy=_STRATEGIES[row["strategy"]],
+                platforms=row["platforms"],
             )
+            convert.to_proto(row, candidate.actor)
         return response
 
     async def merge(
