@@ -1,66 +1,28 @@
 """MergeActors and SplitActor: all or nothing, no orphaned content or
 presences, and overlapping merges from many processes stay consistent."""
 
-import asyncio
 import uuid
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import grpc
 import pytest
-from observatory.v1 import actor_pb2, actor_pb2_grpc, content_pb2
+from observatory.v1 import actor_pb2, content_pb2
 
-from tests.actor_helpers import add_alias, add_presence, create_actor, get_actor, merge
-from tests.helpers import error_details, expect_rpc_error, ingest_requests, make_content
+from tests.actor_helpers import (
+    add_alias,
+    add_presence,
+    content_by_author,
+    create_actor,
+    get_actor,
+    merge,
+    orphans,
+    presences_by_actor,
+    write_content,
+)
+from tests.helpers import expect_rpc_error, make_content
 
 pytestmark = pytest.mark.asyncio
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
-
-
-async def write_content(content_stub, caller, authors: dict[tuple[str, str], int]) -> None:
-    """Ingests `count` items by each (platform, account); ingest links them to
-    the account's actor."""
-    rows = [
-        make_content(platform=platform, author_platform_id=account)
-        for (platform, account), count in authors.items()
-        for _ in range(count)
-    ]
-    response = await content_stub.IngestContent(
-        iter(ingest_requests(rows)), metadata=caller.metadata
-    )
-    assert response.inserted == len(rows)
-
-
-async def content_by_author(db, caller) -> dict[uuid.UUID | None, int]:
-    rows = await db.fetch(
-        "SELECT author_id, count(*) AS n FROM content WHERE owner_id = $1 GROUP BY author_id",
-        caller.user_id,
-    )
-    return {row["author_id"]: row["n"] for row in rows}
-
-
-async def presences_by_actor(db, caller) -> dict[uuid.UUID, int]:
-    rows = await db.fetch(
-        "SELECT actor_id, count(*) AS n FROM actor_presences WHERE owner_id = $1 GROUP BY actor_id",
-        caller.user_id,
-    )
-    return {row["actor_id"]: row["n"] for row in rows}
-
-
-async def orphans(db, caller) -> tuple[int, int]:
-    """Content and presences whose actor no longer exists."""
-    content = await db.fetchval(
-        "SELECT count(*) FROM content c WHERE c.owner_id = $1 AND c.author_id IS NOT NULL "
-        "AND NOT EXISTS (SELECT 1 FROM actors a WHERE a.id = c.author_id)",
-        caller.user_id,
-    )
-    presences = await db.fetchval(
-        "SELECT count(*) FROM actor_presences p WHERE p.owner_id = $1 "
-        "AND NOT EXISTS (SELECT 1 FROM actors a WHERE a.id = p.actor_id)",
-        caller.user_id,
-    )
-    return content, presences
 
 
 class TestMergeActors:
@@ -212,87 +174,3 @@ class TestSplitActor:
             uuid.UUID(actor.id): 1,
             uuid.UUID(other.id): 1,
         }
-
-
-# -- overlapping merges from several processes ---------------------------------
-
-PROCESSES = 4
-ACTORS = 12
-MERGES_PER_PROCESS = 6
-
-
-def merge_storm(port: int, token: str, plans: list[tuple[str, list[str]]]) -> list[str]:
-    """Runs in a child process: fires every (canonical, duplicates) merge at
-    once and returns each one's status code name."""
-
-    async def run() -> list[str]:
-        metadata = (("authorization", f"Bearer {token}"),)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = actor_pb2_grpc.ActorServiceStub(channel)
-
-            async def one(canonical: str, duplicates: list[str]) -> str:
-                request = actor_pb2.MergeActorsRequest(
-                    canonical_id=canonical, duplicate_ids=duplicates
-                )
-                try:
-                    await stub.MergeActors(request, metadata=metadata, timeout=60)
-                except grpc.aio.AioRpcError as error:
-                    return f"{error.code().name}:{error_details(error).reason}"
-                return "OK"
-
-            return list(await asyncio.gather(*(one(c, d) for c, d in plans)))
-
-    return asyncio.run(run())
-
-
-async def test_overlapping_merges_from_many_processes_keep_every_row(
-    app, actor_stub, content_stub, alice, db
-):
-    actors = [await create_actor(actor_stub, alice, f"Storm {i}") for i in range(ACTORS)]
-    authors = {}
-    for i, actor in enumerate(actors):
-        for platform in ("twitter", "reddit"):
-            await add_presence(actor_stub, alice, actor.id, platform, f"{platform}-{i}")
-            authors[(platform, f"{platform}-{i}")] = 2
-    await write_content(content_stub, alice, authors)
-    total_content = sum(authors.values())
-    ids = [actor.id for actor in actors]
-    # Each merge folds two neighbours into an actor, so every actor is wanted
-    # by several merges at once, as canonical and as duplicate.
-    plans = [
-        [
-            (
-                ids[(p * 3 + k) % ACTORS],
-                [ids[(p * 3 + k + 1) % ACTORS], ids[(p * 3 + k + 5) % ACTORS]],
-            )
-            for k in range(MERGES_PER_PROCESS)
-        ]
-        for p in range(PROCESSES)
-    ]
-
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(PROCESSES, mp_context=get_context("spawn")) as pool:
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(pool, merge_storm, app.port, alice.token, plan)
-                for plan in plans
-            )
-        )
-    outcomes = [outcome for result in results for outcome in result]
-
-    # A merge that lost the race finds an actor gone: NOT_FOUND. Locking in ID
-    # order means none ever deadlocks (which would surface as ABORTED).
-    assert set(outcomes) <= {"OK", "NOT_FOUND:NOT_FOUND"}, outcomes
-    succeeded = outcomes.count("OK")
-    assert succeeded >= 1
-    survivors = await db.fetchval("SELECT count(*) FROM actors WHERE owner_id = $1", alice.user_id)
-    assert survivors == ACTORS - 2 * succeeded
-    assert sum((await content_by_author(db, alice)).values()) == total_content
-    assert None not in await content_by_author(db, alice)
-    assert sum((await presences_by_actor(db, alice)).values()) == 2 * ACTORS
-    assert await orphans(db, alice) == (0, 0)
-    audited = await db.fetchval(
-        "SELECT count(*) FROM audit_log WHERE user_id = $1 AND action = 'actor.merge'",
-        alice.user_id,
-    )
-    assert audited == succeeded
