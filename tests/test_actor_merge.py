@@ -103,6 +103,18 @@ class TestMergeActors:
         assert (await get_actor(actor_stub, alice, dup.id)).canonical_name == "Dup"
         assert not (await get_actor(actor_stub, alice, canonical.id)).aliases
 
+    async def test_an_admin_merges_within_one_owner_only(self, actor_stub, alice, bob, admin):
+        canonical = await create_actor(actor_stub, alice, "Alice's canonical")
+        dup = await create_actor(actor_stub, alice, "Alice's duplicate")
+        bobs = await create_actor(actor_stub, bob, "Bob's")
+
+        error = await expect_rpc_error(merge(actor_stub, admin, canonical.id, bobs.id))
+        assert error.code == NOT_FOUND
+        merged = await merge(actor_stub, admin, canonical.id, dup.id)
+        assert merged.owner_id == str(alice.user_id)
+        assert list(merged.aliases) == ["Alice's duplicate"]
+        assert (await get_actor(actor_stub, bob, bobs.id)).id == bobs.id
+
 
 class TestSplitActor:
     async def split(self, stub, caller, actor_id, presence_ids, name="Split Off"):

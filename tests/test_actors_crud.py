@@ -360,6 +360,23 @@ class TestResolveActor:
         assert by_id.id == by_name.id == actor.id
         assert len(by_id.presences) == 1
 
+    async def test_a_reused_username_resolves_to_its_latest_account(self, actor_stub, alice):
+        old = await create_actor(actor_stub, alice, "Old owner")
+        new = await create_actor(actor_stub, alice, "New owner")
+        await add_presence(actor_stub, alice, old.id, "twitter", "1", username="handle")
+        await add_presence(actor_stub, alice, new.id, "twitter", "2", username="Handle")
+        resolved = await self.resolve(actor_stub, alice, platform="twitter", username="HANDLE")
+        assert resolved.id == new.id
+
+    async def test_a_deleted_actor_still_resolves_with_its_delete_time(self, actor_stub, alice):
+        actor = await create_actor(actor_stub, alice)
+        await add_presence(actor_stub, alice, actor.id, "twitter", "d1")
+        await actor_stub.DeleteActor(
+            actor_pb2.DeleteActorRequest(id=actor.id), metadata=alice.metadata
+        )
+        resolved = await self.resolve(actor_stub, alice, platform="twitter", platform_user_id="d1")
+        assert resolved.HasField("delete_time")
+
     async def test_unknown_accounts_and_other_tenants_are_not_found(self, actor_stub, alice, bob):
         actor = await create_actor(actor_stub, alice)
         await add_presence(actor_stub, alice, actor.id, "twitter", "888", username="x")

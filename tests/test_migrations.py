@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from server import migrate
@@ -28,6 +29,14 @@ async def _tables(url: str) -> set[str]:
         await conn.close()
 
 
+async def _has_extension(url: str, name: str) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_extension WHERE extname = $1", name))
+    finally:
+        await conn.close()
+
+
 @pytest_asyncio.fixture
 async def scratch_url(postgres):
     if postgres.embedded is None:
@@ -42,11 +51,14 @@ async def test_upgrade_downgrade_upgrade(scratch_url):
     await asyncio.to_thread(migrate.upgrade, scratch_url)
     tables = await _tables(scratch_url)
     assert {"content", "content_default", "audit_log", "idempotency_keys"} <= tables
+    assert {"actors", "actor_aliases", "actor_presences"} <= tables
+    assert await _has_extension(scratch_url, "pg_trgm")
     this_month = "content_p" + datetime.now(UTC).strftime("%Y%m")
     assert this_month in tables
 
     await asyncio.to_thread(migrate.downgrade, scratch_url, "base")
     assert await _tables(scratch_url) == {"alembic_version"}
+    assert not await _has_extension(scratch_url, "pg_trgm")  # migration 0002 made it
 
     await asyncio.to_thread(migrate.upgrade, scratch_url)
     assert {"content", "audit_log", "idempotency_keys", this_month} <= await _tables(scratch_url)
@@ -107,3 +119,19 @@ async def test_the_tables_the_code_uses_match_what_the_migrations_made(database_
     finally:
         await engine.dispose()
     assert differences == []
+
+
+async def test_actors_downgrade_keeps_a_pg_trgm_it_did_not_create(scratch_url):
+    script = ScriptDirectory.from_config(migrate.alembic_config(scratch_url))
+    before_actors = script.get_revision("0002").down_revision
+    await asyncio.to_thread(migrate.upgrade, scratch_url, before_actors)
+    conn = await asyncpg.connect(scratch_url)
+    try:
+        await conn.execute("CREATE EXTENSION pg_trgm")
+    finally:
+        await conn.close()
+    await asyncio.to_thread(migrate.upgrade, scratch_url)
+    await asyncio.to_thread(migrate.downgrade, scratch_url, before_actors)
+
+    assert await _has_extension(scratch_url, "pg_trgm")
+    assert "actors" not in await _tables(scratch_url)

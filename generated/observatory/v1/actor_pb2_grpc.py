@@ -184,7 +184,8 @@ class ActorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ResolveActor(self, request, context):
-        """The actor behind a platform account. NOT_FOUND when unknown.
+        """The actor behind a platform account (also a soft-deleted one, with its
+        delete_time set). NOT_FOUND when no actor of the caller has the account.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -65,7 +65,9 @@ class ActorServiceStub:
     RemovePresence: _grpc.UnaryUnaryMultiCallable[_actor_pb2.RemovePresenceRequest, _actor_pb2.Actor]
     """Unlinks a platform account; returns the actor it belonged to."""
     ResolveActor: _grpc.UnaryUnaryMultiCallable[_actor_pb2.ResolveActorRequest, _actor_pb2.Actor]
-    """The actor behind a platform account. NOT_FOUND when unknown."""
+    """The actor behind a platform account (also a soft-deleted one, with its
+    delete_time set). NOT_FOUND when no actor of the caller has the account.
+    """
     FindCandidateMatches: _grpc.UnaryUnaryMultiCallable[_actor_pb2.FindCandidateMatchesRequest, _actor_pb2.FindCandidateMatchesResponse]
     """Actors that may be the same entity as the given one: exact name matches
     first, then shared usernames, then trigram-similar names.
@@ -112,7 +114,9 @@ class ActorServiceAsyncStub(ActorServiceStub):
     RemovePresence: _aio.UnaryUnaryMultiCallable[_actor_pb2.RemovePresenceRequest, _actor_pb2.Actor]  # type: ignore[assignment]
     """Unlinks a platform account; returns the actor it belonged to."""
     ResolveActor: _aio.UnaryUnaryMultiCallable[_actor_pb2.ResolveActorRequest, _actor_pb2.Actor]  # type: ignore[assignment]
-    """The actor behind a platform account. NOT_FOUND when unknown."""
+    """The actor behind a platform account (also a soft-deleted one, with its
+    delete_time set). NOT_FOUND when no actor of the caller has the account.
+    """
     FindCandidateMatches: _aio.UnaryUnaryMultiCallable[_actor_pb2.FindCandidateMatchesRequest, _actor_pb2.FindCandidateMatchesResponse]  # type: ignore[assignment]
     """Actors that may be the same entity as the given one: exact name matches
     first, then shared usernames, then trigram-similar names.
@@ -216,7 +220,9 @@ class ActorServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _actor_pb2.ResolveActorRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_actor_pb2.Actor, _abc.Awaitable[_actor_pb2.Actor]]:
-        """The actor behind a platform account. NOT_FOUND when unknown."""
+        """The actor behind a platform account (also a soft-deleted one, with its
+        delete_time set). NOT_FOUND when no actor of the caller has the account.
+        """
 
     @_abc_1.abstractmethod
     def FindCandidateMatches(
