@@ -5,6 +5,7 @@ registers them."""
 
 from __future__ import annotations
 
+import server.credits.tables  # noqa: F401
 from server.tables import metadata
 
 __all__ = ["metadata"]

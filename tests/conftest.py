@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
-from observatory.v1 import admin_pb2_grpc, content_pb2_grpc
+from observatory.v1 import admin_pb2_grpc, content_pb2_grpc, credit_pb2_grpc
 
 from server import migrate
 from server.app import App, create_server
@@ -112,3 +112,8 @@ def bob() -> Caller:
 @pytest.fixture
 def admin() -> Caller:
     return new_caller("admin")
+
+
+@pytest.fixture
+def credit_stub(channel: grpc.aio.Channel) -> credit_pb2_grpc.CreditServiceStub:
+    return credit_pb2_grpc.CreditServiceStub(channel)

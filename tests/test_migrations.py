@@ -17,6 +17,13 @@ from server.db import normalize_database_url
 from server.schema import metadata
 
 pytestmark = pytest.mark.asyncio
+CREDIT_TABLES = (
+    "credit_accounts",
+    "credit_allocations",
+    "credit_reservations",
+    "credit_entries",
+    "credit_rates",
+)
 
 
 async def _tables(url: str) -> set[str]:
@@ -42,6 +49,7 @@ async def test_upgrade_downgrade_upgrade(scratch_url):
     await asyncio.to_thread(migrate.upgrade, scratch_url)
     tables = await _tables(scratch_url)
     assert {"content", "content_default", "audit_log", "idempotency_keys"} <= tables
+    assert set(CREDIT_TABLES) <= tables
     this_month = "content_p" + datetime.now(UTC).strftime("%Y%m")
     assert this_month in tables
 
