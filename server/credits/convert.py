@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from observatory.v1 import credit_pb2
-from sqlalchemy.engine import RowMapping
 
 from server.credits.repository import AccountState
 from server.protoconv import set_timestamp
@@ -30,7 +30,7 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def allocation(row: RowMapping) -> credit_pb2.Allocation:
+def allocation(row: Mapping[Any, Any]) -> credit_pb2.Allocation:
     message = credit_pb2.Allocation(
         id=str(row["id"]), user_id=str(row["user_id"]), amount=row["amount"], memo=row["memo"]
     )
@@ -41,7 +41,7 @@ def allocation(row: RowMapping) -> credit_pb2.Allocation:
     return message
 
 
-def reservation(row: RowMapping) -> credit_pb2.Reservation:
+def reservation(row: Mapping[Any, Any]) -> credit_pb2.Reservation:
     """A pending reservation past its expire_time shows as EXPIRED: it no
     longer counts, whether or not the sweeper has written its entry yet."""
     status = row["status"]
@@ -74,7 +74,7 @@ def balance(user_id: str, state: AccountState | None, as_of: datetime) -> credit
     return message
 
 
-def transaction(row: RowMapping, target: credit_pb2.Transaction) -> None:
+def transaction(row: Mapping[Any, Any], target: credit_pb2.Transaction) -> None:
     target.id = str(row["id"])
     target.user_id = str(row["user_id"])
     target.kind = _KIND[row["kind"]]

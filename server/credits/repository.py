@@ -6,13 +6,25 @@ and it does both in one go, so the two stay in step."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, case, func, literal_column, or_, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    ColumnElement,
+    Interval,
+    Select,
+    and_,
+    bindparam,
+    case,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,6 +36,7 @@ from server.credits.tables import (
     credit_rates,
     credit_reservations,
 )
+from server.db import PreparedStatement, driver_connection
 
 # The sweeper's lock: one sweep at a time across every worker and server.
 EXPIRY_LOCK = "observatory.credit_expiry"
@@ -67,8 +80,82 @@ class AccountState:
         return max(0, self.allocated - self.held - self.settled)
 
 
+# Constants written into the SQL, not bound: the prepared statements bind only
+# their named parameters.
+_PENDING: ColumnElement[Any] = literal_column("'PENDING'")
+_ZERO: ColumnElement[Any] = literal_column("0")
+
+
 def _pending_lapsed(at: ColumnElement[Any]) -> ColumnElement[bool]:
-    return and_(_reservations.status == "PENDING", _reservations.expire_time <= at)
+    return and_(_reservations.status == _PENDING, _reservations.expire_time <= at)
+
+
+_NOW = func.statement_timestamp()
+_USER = bindparam("user_id", type_=UUID(as_uuid=True))
+_STATE = PreparedStatement(
+    select(
+        _accounts.granted,
+        _accounts.reserved,
+        _accounts.settled,
+        select(func.coalesce(func.sum(_allocations.amount), _ZERO))
+        .where(
+            _allocations.user_id == _USER,
+            _allocations.valid_from <= _NOW,
+            or_(_allocations.valid_until.is_(None), _allocations.valid_until > _NOW),
+        )
+        .scalar_subquery()
+        .label("allocated"),
+        select(func.coalesce(func.sum(_reservations.amount), _ZERO))
+        .where(_reservations.user_id == _USER, _pending_lapsed(_NOW))
+        .scalar_subquery()
+        .label("lapsed"),
+        _NOW.label("as_of"),
+    ).where(_accounts.user_id == _USER)
+)
+_INSERT_RESERVATION = PreparedStatement(
+    credit_reservations.insert()
+    .values(
+        user_id=_USER,
+        amount=bindparam("amount"),
+        reference=bindparam("reference"),
+        expire_time=func.now() + bindparam("ttl", type_=Interval),
+    )
+    .returning(*credit_reservations.c)
+)
+_RESOLVE = PreparedStatement(
+    credit_reservations.update()
+    .where(
+        _reservations.id == bindparam("id"),
+        _reservations.status == _PENDING,
+        _reservations.expire_time > _NOW,
+    )
+    .values(
+        status=bindparam("new_status"), settled_amount=bindparam("spent"), update_time=func.now()
+    )
+    .returning(*credit_reservations.c)
+)
+# The balance row moves and the entries are appended in one statement; the
+# entries come as parallel arrays, numbered after the row's last_seq.
+_POST = PreparedStatement(
+    text("""
+WITH account AS (
+  UPDATE credit_accounts
+     SET granted = granted + :granted, reserved = reserved + :reserved,
+         settled = settled + :settled,
+         last_seq = last_seq + cardinality(CAST(:kinds AS text[])), update_time = now()
+   WHERE user_id = :user_id
+  RETURNING last_seq - cardinality(CAST(:kinds AS text[])) AS first_seq
+)
+INSERT INTO credit_entries (user_id, seq, kind, amount, reservation_id, allocation_id, reference)
+SELECT :user_id, account.first_seq + e.n, e.kind, e.amount, e.reservation_id,
+       e.allocation_id, e.reference
+  FROM account,
+       unnest(CAST(:kinds AS text[]), CAST(:amounts AS bigint[]),
+              CAST(:reservation_ids AS uuid[]), CAST(:allocation_ids AS uuid[]),
+              CAST(:references AS text[]))
+       WITH ORDINALITY AS e(kind, amount, reservation_id, allocation_id, reference, n)
+""")
+)
 
 
 class CreditRepository:
@@ -93,30 +180,7 @@ class CreditRepository:
         """The account now, read in one snapshot. Under `lock_account` (taken
         by an earlier statement, so this one's snapshot sees every change made
         before the lock was granted) it stays true until the transaction ends."""
-        now = func.statement_timestamp()
-        allocated = (
-            select(func.coalesce(func.sum(_allocations.amount), 0))
-            .where(
-                _allocations.user_id == user_id,
-                _allocations.valid_from <= now,
-                or_(_allocations.valid_until.is_(None), _allocations.valid_until > now),
-            )
-            .scalar_subquery()
-        )
-        lapsed = (
-            select(func.coalesce(func.sum(_reservations.amount), 0))
-            .where(_reservations.user_id == user_id, _pending_lapsed(now))
-            .scalar_subquery()
-        )
-        query = select(
-            _accounts.granted,
-            _accounts.reserved,
-            _accounts.settled,
-            allocated.label("allocated"),
-            lapsed.label("lapsed"),
-            now.label("as_of"),
-        ).where(_accounts.user_id == user_id)
-        row = (await self._conn.execute(query)).mappings().first()
+        row = await _STATE.fetchrow(await driver_connection(self._conn), user_id=user_id)
         if row is None:
             return None
         # sum() of bigint is numeric in PostgreSQL.
@@ -139,36 +203,19 @@ class CreditRepository:
         settled: int = 0,
     ) -> None:
         """Appends `entries` to the account's ledger, numbered on from its last
-        entry, and moves the balance row's sums by the given amounts."""
-        last_seq = (
-            await self._conn.execute(
-                credit_accounts.update()
-                .where(_accounts.user_id == user_id)
-                .values(
-                    granted=_accounts.granted + granted,
-                    reserved=_accounts.reserved + reserved,
-                    settled=_accounts.settled + settled,
-                    last_seq=_accounts.last_seq + len(entries),
-                    update_time=func.now(),
-                )
-                .returning(_accounts.last_seq)
-            )
-        ).scalar_one()
-        first = last_seq - len(entries) + 1
-        await self._conn.execute(
-            credit_entries.insert(),
-            [
-                {
-                    "user_id": user_id,
-                    "seq": first + i,
-                    "kind": entry.kind,
-                    "amount": entry.amount,
-                    "reservation_id": entry.reservation_id,
-                    "allocation_id": entry.allocation_id,
-                    "reference": entry.reference,
-                }
-                for i, entry in enumerate(entries)
-            ],
+        entry, and moves the balance row's sums by the given amounts: one
+        statement, so the two cannot part."""
+        await _POST.fetchrow(
+            await driver_connection(self._conn),
+            user_id=user_id,
+            granted=granted,
+            reserved=reserved,
+            settled=settled,
+            kinds=[entry.kind for entry in entries],
+            amounts=[entry.amount for entry in entries],
+            reservation_ids=[entry.reservation_id for entry in entries],
+            allocation_ids=[entry.allocation_id for entry in entries],
+            references=[entry.reference for entry in entries],
         )
 
     # -- allocations and reservations ----------------------------------------------
@@ -179,40 +226,42 @@ class CreditRepository:
 
     async def insert_reservation(
         self, user_id: uuid.UUID, amount: int, reference: str, ttl: timedelta
-    ) -> RowMapping:
-        statement = (
-            credit_reservations.insert()
-            .values(
-                user_id=user_id, amount=amount, reference=reference, expire_time=func.now() + ttl
-            )
-            .returning(*credit_reservations.c)
+    ) -> Mapping[str, Any]:
+        row: Mapping[str, Any] | None = await _INSERT_RESERVATION.fetchrow(
+            await driver_connection(self._conn),
+            user_id=user_id,
+            amount=amount,
+            reference=reference,
+            ttl=ttl,
         )
-        return (await self._conn.execute(statement)).mappings().one()
+        assert row is not None
+        return row
 
     async def get_reservation(
-        self, reservation_id: uuid.UUID, owner_id: uuid.UUID | None
+        self, reservation_id: uuid.UUID, owner_id: uuid.UUID | None, *, lock: bool = False
     ) -> RowMapping | None:
+        """The reservation (within `owner_id`'s unless None); with `lock`, its
+        account's row lock is taken too, in the same statement."""
         query = select(*credit_reservations.c).where(_reservations.id == reservation_id)
         if owner_id is not None:
             query = query.where(_reservations.user_id == owner_id)
+        if lock:
+            query = query.join(
+                credit_accounts, _accounts.user_id == _reservations.user_id
+            ).with_for_update(of=credit_accounts)
         return (await self._conn.execute(query)).mappings().first()
 
     async def resolve_reservation(
         self, reservation_id: uuid.UUID, status: str, settled_amount: int = 0
-    ) -> RowMapping | None:
+    ) -> Mapping[str, Any] | None:
         """Moves a pending, unexpired reservation to `status`; None when it is
         not pending (any more) or has expired. Run under the account's lock."""
-        statement = (
-            credit_reservations.update()
-            .where(
-                _reservations.id == reservation_id,
-                _reservations.status == "PENDING",
-                _reservations.expire_time > func.statement_timestamp(),
-            )
-            .values(status=status, settled_amount=settled_amount, update_time=func.now())
-            .returning(*credit_reservations.c)
+        return await _RESOLVE.fetchrow(
+            await driver_connection(self._conn),
+            id=reservation_id,
+            new_status=status,
+            spent=settled_amount,
         )
-        return (await self._conn.execute(statement)).mappings().first()
 
     # -- expiry ------------------------------------------------------------------
 
@@ -293,7 +342,6 @@ class CreditRepository:
             .group_by(_reservations.user_id)
             .subquery()
         )
-        zero: ColumnElement[Any] = literal_column("0")
         query = (
             select(
                 _accounts.user_id,
@@ -301,12 +349,12 @@ class CreditRepository:
                 _accounts.reserved.label("recorded_reserved"),
                 _accounts.settled.label("recorded_settled"),
                 _accounts.last_seq.label("recorded_entries"),
-                func.coalesce(sums.c.granted, zero).label("derived_granted"),
-                func.coalesce(sums.c.reserved, zero).label("derived_reserved"),
-                func.coalesce(sums.c.settled, zero).label("derived_settled"),
-                func.coalesce(sums.c.entries, zero).label("derived_entries"),
-                func.coalesce(sums.c.max_seq, zero).label("max_seq"),
-                func.coalesce(pending.c.pending_reserved, zero).label("pending_reserved"),
+                func.coalesce(sums.c.granted, _ZERO).label("derived_granted"),
+                func.coalesce(sums.c.reserved, _ZERO).label("derived_reserved"),
+                func.coalesce(sums.c.settled, _ZERO).label("derived_settled"),
+                func.coalesce(sums.c.entries, _ZERO).label("derived_entries"),
+                func.coalesce(sums.c.max_seq, _ZERO).label("max_seq"),
+                func.coalesce(pending.c.pending_reserved, _ZERO).label("pending_reserved"),
             )
             .select_from(
                 credit_accounts.outerjoin(sums, sums.c.user_id == _accounts.user_id).outerjoin(

@@ -289,7 +289,7 @@ async def _resolve(
     """Settles `spent` credits of a pending reservation (the rest returns), or
     releases it whole when `spent` is None."""
     repo = CreditRepository(conn)
-    found = await repo.get_reservation(reservation_id, _owner_scope(caller))
+    found = await repo.get_reservation(reservation_id, _owner_scope(caller), lock=True)
     if found is None:
         raise errors.NotFound(f"reservation {reservation_id} not found")
     user_id, held = found["user_id"], found["amount"]
@@ -299,7 +299,6 @@ async def _resolve(
             reason="SETTLE_EXCEEDS_RESERVED",
             metadata={"reserved": str(held), "requested": str(spent)},
         )
-    await repo.lock_account(user_id)
     status = "RELEASED" if spent is None else "SETTLED"
     row = await repo.resolve_reservation(reservation_id, status, spent or 0)
     if row is None:
