@@ -364,6 +364,29 @@ class TestExpiry:
         )
         assert not (await verify(admin_stub, admin, alice)).mismatches
 
+    async def test_concurrent_sweeps_expire_each_reservation_once(
+        self, app, credit_stub, admin, db
+    ):
+        from server.credits.service import CreditService
+
+        users = [new_caller() for _ in range(3)]
+        held = []
+        for user in users:
+            await grant(credit_stub, admin, user, 100)
+            held += [await reserve(credit_stub, user, 10, ttl_s=0.2) for _ in range(3)]
+        await asyncio.sleep(0.4)
+
+        await asyncio.gather(*(CreditService(app.db).expire_lapsed() for _ in range(4)))
+
+        counts = await db.fetch(
+            "SELECT reservation_id, count(*) AS n FROM credit_entries "
+            "WHERE kind = 'EXPIRE' AND reservation_id = ANY($1::uuid[]) GROUP BY reservation_id",
+            [uuid.UUID(h.id) for h in held],
+        )
+        assert sorted(row["n"] for row in counts) == [1] * len(held)
+        for user in users:
+            assert sums(await balance(credit_stub, user)) == (100, 0, 0, 100)
+
 
 class TestListTransactions:
     async def test_pages_newest_first_without_gaps(self, credit_stub, admin, alice):
