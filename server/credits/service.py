@@ -310,20 +310,18 @@ async def _resolve(
             reason="RESERVATION_NOT_PENDING",
             metadata={"status": credit_pb2.ReservationStatus.Name(shown)},
         )
-    reference = row["reference"]
+    reference, used = row["reference"], spent or 0
     entries = []
     if spent is not None:
-        entries.append(Entry("SETTLE", spent, reservation_id=reservation_id, reference=reference))
-    if held - (spent or 0) > 0:
+        entries.append(Entry("SETTLE", used, reservation_id=reservation_id, reference=reference))
+    if held > used:
         entries.append(
-            Entry(
-                "RELEASE", held - (spent or 0), reservation_id=reservation_id, reference=reference
-            )
+            Entry("RELEASE", held - used, reservation_id=reservation_id, reference=reference)
         )
-    await repo.post(user_id, entries, reserved=-held, settled=spent or 0)
+    await repo.post(user_id, entries, reserved=-held, settled=used)
     action = "credits.release" if spent is None else "credits.settle"
     await AuditRepository(conn).record(
-        caller, action, f"reservations/{reservation_id}", _detail(user_id, spent or 0)
+        caller, action, f"reservations/{reservation_id}", _detail(user_id, used)
     )
     return convert.reservation(row)
 
