@@ -52,6 +52,14 @@ class TestGrantCredits:
         error = await expect_rpc_error(grant(credit_stub, admin, alice, amount))
         assert (error.code, error.fields) == (INVALID, ["amount"])
 
+    async def test_a_grant_that_would_overflow_the_total_is_invalid(
+        self, credit_stub, admin, alice
+    ):
+        await grant(credit_stub, admin, alice, 2**63 - 1)
+        error = await expect_rpc_error(grant(credit_stub, admin, alice, 1))
+        assert (error.code, error.fields) == (INVALID, ["amount"])
+        assert sums(await balance(credit_stub, alice)) == (2**63 - 1, 0, 0, 2**63 - 1)
+
     async def test_valid_until_must_follow_valid_from(self, credit_stub, admin, alice):
         start = datetime.now(UTC) + timedelta(days=1)
         error = await expect_rpc_error(
@@ -191,7 +199,7 @@ class TestReserveSettleRelease:
         error = await expect_rpc_error(reserve(credit_stub, alice, amount))
         assert (error.code, error.fields) == (INVALID, [field])
 
-    @pytest.mark.parametrize("ttl_s", [0, -1, 7 * 86400 + 1])
+    @pytest.mark.parametrize("ttl_s", [0, -1, 7 * 86400 + 0.001, -(10**12), 10**12])
     async def test_ttl_must_be_positive_and_at_most_a_week(self, credit_stub, alice, ttl_s):
         error = await expect_rpc_error(reserve(credit_stub, alice, 1, ttl_s=ttl_s))
         assert (error.code, error.fields) == (INVALID, ["ttl"])
@@ -417,6 +425,19 @@ class TestListTransactions:
         other = credit_pb2.ListTransactionsRequest(page_size=1, page_token=page.next_page_token)
         error = await expect_rpc_error(
             credit_stub.ListTransactions(other, metadata=new_caller().metadata)
+        )
+        assert (error.code, error.fields) == (INVALID, ["page_token"])
+
+    @pytest.mark.parametrize("key", [2**70, -1, "x", 1.5])
+    async def test_a_forged_token_is_invalid(self, credit_stub, alice, key):
+        from server import pagination
+
+        token = pagination.encode_token(
+            pagination.fingerprint("ListTransactions", str(alice.user_id)), (key,)
+        )
+        request = credit_pb2.ListTransactionsRequest(page_token=token)
+        error = await expect_rpc_error(
+            credit_stub.ListTransactions(request, metadata=alice.metadata)
         )
         assert (error.code, error.fields) == (INVALID, ["page_token"])
 

@@ -65,6 +65,13 @@ def _account_of(caller: Principal, user_id: str) -> uuid.UUID:
     return target
 
 
+def _sequence(value: object) -> int:
+    """An entry number read back from a page token."""
+    if not isinstance(value, int) or not 0 < value <= INT64_MAX:
+        raise ValueError(value)
+    return value
+
+
 def _owner_scope(caller: Principal) -> uuid.UUID | None:
     return None if caller.is_admin else caller.user_id
 
@@ -87,13 +94,11 @@ def _ttl(request: credit_pb2.ReserveCreditsRequest) -> timedelta:
     if not request.HasField("ttl"):
         return DEFAULT_TTL
     seconds, nanos = request.ttl.seconds, request.ttl.nanos
-    if not -999_999_999 <= nanos <= 999_999_999 or (seconds > 0 and nanos < 0):
+    if not -999_999_999 <= nanos <= 999_999_999 or seconds * nanos < 0:
         raise errors.InvalidArgument("ttl", "is not a valid duration")
-    if seconds > MAX_TTL.total_seconds():
-        raise errors.InvalidArgument("ttl", "must be at most 7 days")
-    ttl = timedelta(seconds=seconds, microseconds=nanos // 1000)
-    if ttl <= timedelta(0):
+    if seconds < 0 or (seconds == 0 and nanos <= 0):
         raise errors.InvalidArgument("ttl", "must be positive")
+    ttl = timedelta(seconds=min(seconds, MAX_TTL.total_seconds() + 1), microseconds=nanos / 1000)
     if ttl > MAX_TTL:
         raise errors.InvalidArgument("ttl", "must be at most 7 days")
     return ttl
@@ -137,6 +142,11 @@ class CreditService:
         async def work(conn: AsyncConnection) -> credit_pb2.Allocation:
             repo = CreditRepository(conn)
             await repo.ensure_account(user_id)
+            await repo.lock_account(user_id)
+            state = await repo.state(user_id)
+            assert state is not None
+            if state.granted > INT64_MAX - amount:
+                raise errors.InvalidArgument("amount", "would overflow the account's 64-bit total")
             row = await repo.insert_allocation(
                 {
                     "user_id": user_id,
@@ -219,7 +229,7 @@ class CreditService:
         user_id = _account_of(caller, request.user_id)
         size = pagination.page_size(request.page_size, maximum=MAX_PAGE_SIZE)
         token_query = pagination.fingerprint("ListTransactions", str(user_id))
-        after = pagination.decode_token(request.page_token, token_query, int)
+        after = pagination.decode_token(request.page_token, token_query, _sequence)
         async with self._db.read() as conn:
             rows = await CreditRepository(conn).entries_page(
                 user_id, None if after is None else after[0], size + 1
