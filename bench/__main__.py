@@ -19,6 +19,7 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"platformdirs\..
 SUITES = {
     "content": "bench.run",
     "actors": "bench.actors",
+    "credits": "bench.credits",
 }
 
 

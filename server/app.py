@@ -16,6 +16,8 @@ from observatory.v1 import (
     admin_pb2_grpc,
     content_pb2,
     content_pb2_grpc,
+    credit_pb2,
+    credit_pb2_grpc,
 )
 
 from server import idempotency
@@ -26,6 +28,8 @@ from server.admin.servicer import AdminServicer
 from server.auth import Authenticator
 from server.content.service import ContentService
 from server.content.servicer import ContentServicer
+from server.credits.service import CreditService
+from server.credits.servicer import CreditServicer
 from server.db import Database, create_engine
 from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
@@ -41,6 +45,7 @@ SERVICE_NAMES = (
     content_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     actor_pb2.DESCRIPTOR.services_by_name["ActorService"].full_name,
+    credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
 )
 
 
@@ -67,12 +72,14 @@ class App:
     monitor: HealthMonitor
     content: ContentService
     maintenance: Periodic
+    credit_expiry: Periodic
 
     async def stop(self, grace: float | None) -> None:
         """Health goes NOT_SERVING, in-flight RPCs get `grace` seconds, then
         the pool closes."""
         await self.monitor.stop()
         await self.maintenance.stop()
+        await self.credit_expiry.stop()
         await self.server.stop(grace)
         await self.db.dispose()
 
@@ -87,6 +94,8 @@ async def create_server(settings: Settings, database_url: str) -> App:
     content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
     actor_pb2_grpc.add_ActorServiceServicer_to_server(ActorServicer(ActorService(db)), server)
+    credits = CreditService(db)
+    credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(credits), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -107,8 +116,18 @@ async def create_server(settings: Settings, database_url: str) -> App:
         "maintenance", MAINTENANCE_INTERVAL_S, lambda: _maintain(db, content, settings)
     )
     maintenance.start()
+    credit_expiry = Periodic(
+        "credit expiry", settings.credit_expiry_interval, lambda: _expire_credits(credits)
+    )
+    credit_expiry.start()
     return App(
-        server=server, port=port, db=db, monitor=monitor, content=content, maintenance=maintenance
+        server=server,
+        port=port,
+        db=db,
+        monitor=monitor,
+        content=content,
+        maintenance=maintenance,
+        credit_expiry=credit_expiry,
     )
 
 
@@ -124,3 +143,13 @@ async def _maintain(db: Database, content: ContentService, settings: Settings) -
             log.info("forgot expired request IDs", extra={"count": forgotten})
     except Exception as exc:  # the database may be down; the next round retries
         log.warning("maintenance failed", extra={"error": repr(exc)})
+
+
+async def _expire_credits(credits: CreditService) -> None:
+    """Releases reservations past their expire_time (see CreditService.expire_lapsed)."""
+    try:
+        expired = await credits.expire_lapsed()
+        if expired:
+            log.info("expired credit reservations", extra={"count": expired})
+    except Exception as exc:  # the database may be down; the next round retries
+        log.warning("credit expiry failed", extra={"error": repr(exc)})

@@ -5,7 +5,8 @@ registers them."""
 
 from __future__ import annotations
 
-import server.actors.tables  # noqa: F401  (registers the actor tables)
+import server.actors.tables  # noqa: F401
+import server.credits.tables  # noqa: F401
 from server.tables import metadata
 
 __all__ = ["metadata"]

@@ -35,3 +35,5 @@ class Settings(BaseSettings):
     request_id_days: int = Field(7, alias="OBSERVATORY_REQUEST_ID_DAYS", ge=1)
     # Months of content partitions kept ready ahead of today.
     partitions_ahead: int = Field(12, alias="OBSERVATORY_PARTITIONS_AHEAD", ge=1)
+    # Seconds between sweeps that release reservations past their expire_time.
+    credit_expiry_interval: float = Field(15.0, alias="OBSERVATORY_CREDIT_EXPIRY_INTERVAL", gt=0)

@@ -13,7 +13,7 @@ import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
-from observatory.v1 import actor_pb2_grpc, admin_pb2_grpc, content_pb2_grpc
+from observatory.v1 import actor_pb2_grpc, admin_pb2_grpc, content_pb2_grpc, credit_pb2_grpc
 
 from server import migrate
 from server.app import App, create_server
@@ -117,3 +117,8 @@ def admin() -> Caller:
 @pytest.fixture
 def actor_stub(channel: grpc.aio.Channel) -> actor_pb2_grpc.ActorServiceStub:
     return actor_pb2_grpc.ActorServiceStub(channel)
+
+
+@pytest.fixture
+def credit_stub(channel: grpc.aio.Channel) -> credit_pb2_grpc.CreditServiceStub:
+    return credit_pb2_grpc.CreditServiceStub(channel)

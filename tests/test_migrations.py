@@ -18,6 +18,13 @@ from server.db import normalize_database_url
 from server.schema import metadata
 
 pytestmark = pytest.mark.asyncio
+CREDIT_TABLES = (
+    "credit_accounts",
+    "credit_allocations",
+    "credit_reservations",
+    "credit_entries",
+    "credit_rates",
+)
 
 
 async def _tables(url: str) -> set[str]:
@@ -53,6 +60,7 @@ async def test_upgrade_downgrade_upgrade(scratch_url):
     assert {"content", "content_default", "audit_log", "idempotency_keys"} <= tables
     assert {"actors", "actor_aliases", "actor_presences"} <= tables
     assert await _has_extension(scratch_url, "pg_trgm")
+    assert set(CREDIT_TABLES) <= tables
     this_month = "content_p" + datetime.now(UTC).strftime("%Y%m")
     assert this_month in tables
 

@@ -1,4 +1,4 @@
-"""Operator tools: the audit log."""
+"""Operator tools: the audit log and the credit ledger's check."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from observatory.v1 import admin_pb2
 from server import pagination
 from server.audit import AuditRepository
 from server.auth import Principal
+from server.credits.service import verify_ledger
 from server.db import Database
 from server.protoconv import dict_to_struct, optional_uuid, set_timestamp, timestamp_field
 
@@ -57,3 +58,9 @@ class AdminService:
                 token_query, (last["create_time"], last["id"])
             )
         return response
+
+    async def verify_ledger(
+        self, caller: Principal, request: admin_pb2.VerifyLedgerRequest
+    ) -> admin_pb2.VerifyLedgerResponse:
+        caller.require_admin()
+        return await verify_ledger(self._db, request)

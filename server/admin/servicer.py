@@ -21,3 +21,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListAuditLogRequest, context: Context
     ) -> admin_pb2.ListAuditLogResponse:
         return await self._service.list_audit_log(principal(), request)
+
+    async def VerifyLedger(
+        self, request: admin_pb2.VerifyLedgerRequest, context: Context
+    ) -> admin_pb2.VerifyLedgerResponse:
+        return await self._service.verify_ledger(principal(), request)

@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aobservatory/v1/admin.proto\x12\x0eobservatory.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\'\n\x06\x64\x65tail\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb4\x01\n\x13ListAuditLogRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12)\n\x05\x61\x66ter\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x62\x65\x66ore\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"\\\n\x14ListAuditLogResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.observatory.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2i\n\x0c\x41\x64minService\x12Y\n\x0cListAuditLog\x12#.observatory.v1.ListAuditLogRequest\x1a$.observatory.v1.ListAuditLogResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aobservatory/v1/admin.proto\x12\x0eobservatory.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n\nAuditEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x10\n\x08resource\x18\x04 \x01(\t\x12\'\n\x06\x64\x65tail\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb4\x01\n\x13ListAuditLogRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12)\n\x05\x61\x66ter\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x62\x65\x66ore\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"\\\n\x14ListAuditLogResponse\x12+\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1a.observatory.v1.AuditEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x13VerifyLedgerRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\"d\n\x14VerifyLedgerResponse\x12\x18\n\x10\x61\x63\x63ounts_checked\x18\x01 \x01(\x03\x12\x32\n\nmismatches\x18\x02 \x03(\x0b\x32\x1e.observatory.v1.LedgerMismatch\"\x89\x02\n\x0eLedgerMismatch\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10recorded_granted\x18\x02 \x01(\x03\x12\x17\n\x0f\x64\x65rived_granted\x18\x03 \x01(\x03\x12\x19\n\x11recorded_reserved\x18\x04 \x01(\x03\x12\x18\n\x10\x64\x65rived_reserved\x18\x05 \x01(\x03\x12\x18\n\x10recorded_settled\x18\x06 \x01(\x03\x12\x17\n\x0f\x64\x65rived_settled\x18\x07 \x01(\x03\x12\x18\n\x10pending_reserved\x18\x08 \x01(\x03\x12\x18\n\x10recorded_entries\x18\t \x01(\x03\x12\x17\n\x0f\x64\x65rived_entries\x18\n \x01(\x03\x32\xc4\x01\n\x0c\x41\x64minService\x12Y\n\x0cListAuditLog\x12#.observatory.v1.ListAuditLogRequest\x1a$.observatory.v1.ListAuditLogResponse\x12Y\n\x0cVerifyLedger\x12#.observatory.v1.VerifyLedgerRequest\x1a$.observatory.v1.VerifyLedgerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTAUDITLOGREQUEST']._serialized_end=458
   _globals['_LISTAUDITLOGRESPONSE']._serialized_start=460
   _globals['_LISTAUDITLOGRESPONSE']._serialized_end=552
-  _globals['_ADMINSERVICE']._serialized_start=554
-  _globals['_ADMINSERVICE']._serialized_end=659
+  _globals['_VERIFYLEDGERREQUEST']._serialized_start=554
+  _globals['_VERIFYLEDGERREQUEST']._serialized_end=592
+  _globals['_VERIFYLEDGERRESPONSE']._serialized_start=594
+  _globals['_VERIFYLEDGERRESPONSE']._serialized_end=694
+  _globals['_LEDGERMISMATCH']._serialized_start=697
+  _globals['_LEDGERMISMATCH']._serialized_end=962
+  _globals['_ADMINSERVICE']._serialized_start=965
+  _globals['_ADMINSERVICE']._serialized_end=1161
 # @@protoc_insertion_point(module_scope)

@@ -123,3 +123,107 @@ class ListAuditLogResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditLogResponse: _TypeAlias = ListAuditLogResponse  # noqa: Y015
+
+@_typing.final
+class VerifyLedgerRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """UUID of one user's account; empty: every account."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyLedgerRequest: _TypeAlias = VerifyLedgerRequest  # noqa: Y015
+
+@_typing.final
+class VerifyLedgerResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNTS_CHECKED_FIELD_NUMBER: _builtins.int
+    MISMATCHES_FIELD_NUMBER: _builtins.int
+    accounts_checked: _builtins.int
+    """Accounts recomputed."""
+    @_builtins.property
+    def mismatches(self) -> _containers.RepeatedCompositeFieldContainer[Global___LedgerMismatch]:
+        """The accounts whose balance row differs from their entries."""
+
+    def __init__(
+        self,
+        *,
+        accounts_checked: _builtins.int = ...,
+        mismatches: _abc.Iterable[Global___LedgerMismatch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounts_checked", b"accounts_checked", "mismatches", b"mismatches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyLedgerResponse: _TypeAlias = VerifyLedgerResponse  # noqa: Y015
+
+@_typing.final
+class LedgerMismatch(_message.Message):
+    """An account whose balance row disagrees with what its entries add up to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    RECORDED_GRANTED_FIELD_NUMBER: _builtins.int
+    DERIVED_GRANTED_FIELD_NUMBER: _builtins.int
+    RECORDED_RESERVED_FIELD_NUMBER: _builtins.int
+    DERIVED_RESERVED_FIELD_NUMBER: _builtins.int
+    RECORDED_SETTLED_FIELD_NUMBER: _builtins.int
+    DERIVED_SETTLED_FIELD_NUMBER: _builtins.int
+    PENDING_RESERVED_FIELD_NUMBER: _builtins.int
+    RECORDED_ENTRIES_FIELD_NUMBER: _builtins.int
+    DERIVED_ENTRIES_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """UUID of the account's user."""
+    recorded_granted: _builtins.int
+    """Credits granted: on the balance row, and summed from GRANT entries."""
+    derived_granted: _builtins.int
+    recorded_reserved: _builtins.int
+    """Credits held: on the balance row, and RESERVE minus SETTLE, RELEASE and
+    EXPIRE entries.
+    """
+    derived_reserved: _builtins.int
+    recorded_settled: _builtins.int
+    """Credits spent: on the balance row, and summed from SETTLE entries."""
+    derived_settled: _builtins.int
+    pending_reserved: _builtins.int
+    """Credits held by reservations whose status is PENDING (must equal
+    derived_reserved).
+    """
+    recorded_entries: _builtins.int
+    """The last entry's sequence number on the balance row, and the entries counted."""
+    derived_entries: _builtins.int
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        recorded_granted: _builtins.int = ...,
+        derived_granted: _builtins.int = ...,
+        recorded_reserved: _builtins.int = ...,
+        derived_reserved: _builtins.int = ...,
+        recorded_settled: _builtins.int = ...,
+        derived_settled: _builtins.int = ...,
+        pending_reserved: _builtins.int = ...,
+        recorded_entries: _builtins.int = ...,
+        derived_entries: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["derived_entries", b"derived_entries", "derived_granted", b"derived_granted", "derived_reserved", b"derived_reserved", "derived_settled", b"derived_settled", "pending_reserved", b"pending_reserved", "recorded_entries", b"recorded_entries", "recorded_granted", b"recorded_granted", "recorded_reserved", b"recorded_reserved", "recorded_settled", b"recorded_settled", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LedgerMismatch: _TypeAlias = LedgerMismatch  # noqa: Y015

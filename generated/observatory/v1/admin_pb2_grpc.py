@@ -40,6 +40,11 @@ class AdminServiceStub:
                 request_serializer=observatory_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
                 response_deserializer=observatory_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
                 _registered_method=True)
+        self.VerifyLedger = channel.unary_unary(
+                '/observatory.v1.AdminService/VerifyLedger',
+                request_serializer=observatory_dot_v1_dot_admin__pb2.VerifyLedgerRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_admin__pb2.VerifyLedgerResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -53,6 +58,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyLedger(self, request, context):
+        """Recomputes every credit account (or one) from its ledger entries and
+        reports each account whose balance row differs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +73,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuditLog,
                     request_deserializer=observatory_dot_v1_dot_admin__pb2.ListAuditLogRequest.FromString,
                     response_serializer=observatory_dot_v1_dot_admin__pb2.ListAuditLogResponse.SerializeToString,
+            ),
+            'VerifyLedger': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyLedger,
+                    request_deserializer=observatory_dot_v1_dot_admin__pb2.VerifyLedgerRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_admin__pb2.VerifyLedgerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +108,33 @@ class AdminService:
             '/observatory.v1.AdminService/ListAuditLog',
             observatory_dot_v1_dot_admin__pb2.ListAuditLogRequest.SerializeToString,
             observatory_dot_v1_dot_admin__pb2.ListAuditLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyLedger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.AdminService/VerifyLedger',
+            observatory_dot_v1_dot_admin__pb2.VerifyLedgerRequest.SerializeToString,
+            observatory_dot_v1_dot_admin__pb2.VerifyLedgerResponse.FromString,
             options,
             channel_credentials,
             insecure,

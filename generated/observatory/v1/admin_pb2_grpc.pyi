@@ -35,6 +35,10 @@ class AdminServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AdminServiceAsyncStub: ...
     ListAuditLog: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuditLogRequest, _admin_pb2.ListAuditLogResponse]
     """The audit trail of every mutation, newest first."""
+    VerifyLedger: _grpc.UnaryUnaryMultiCallable[_admin_pb2.VerifyLedgerRequest, _admin_pb2.VerifyLedgerResponse]
+    """Recomputes every credit account (or one) from its ledger entries and
+    reports each account whose balance row differs.
+    """
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -43,6 +47,10 @@ class AdminServiceAsyncStub(AdminServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListAuditLog: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuditLogRequest, _admin_pb2.ListAuditLogResponse]  # type: ignore[assignment]
     """The audit trail of every mutation, newest first."""
+    VerifyLedger: _aio.UnaryUnaryMultiCallable[_admin_pb2.VerifyLedgerRequest, _admin_pb2.VerifyLedgerResponse]  # type: ignore[assignment]
+    """Recomputes every credit account (or one) from its ledger entries and
+    reports each account whose balance row differs.
+    """
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operator tools. Every RPC needs an admin token."""
@@ -54,5 +62,15 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAuditLogResponse, _abc.Awaitable[_admin_pb2.ListAuditLogResponse]]:
         """The audit trail of every mutation, newest first."""
+
+    @_abc_1.abstractmethod
+    def VerifyLedger(
+        self,
+        request: _admin_pb2.VerifyLedgerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.VerifyLedgerResponse, _abc.Awaitable[_admin_pb2.VerifyLedgerResponse]]:
+        """Recomputes every credit account (or one) from its ledger entries and
+        reports each account whose balance row differs.
+        """
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
