@@ -5,7 +5,7 @@ registers them."""
 
 from __future__ import annotations
 
-import server.actors.tables  # noqa: F401
+import server.actors.tables
 import server.credits.tables  # noqa: F401
 from server.tables import metadata
 
