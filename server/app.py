@@ -9,7 +9,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-from observatory.v1 import admin_pb2, admin_pb2_grpc, content_pb2, content_pb2_grpc
+from observatory.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    content_pb2,
+    content_pb2_grpc,
+    vector_pb2,
+    vector_pb2_grpc,
+)
 
 from server import idempotency
 from server.admin.service import AdminService
@@ -22,6 +29,8 @@ from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
 from server.periodic import Periodic
 from server.settings import Settings
+from server.vectors.service import VectorService
+from server.vectors.servicer import VectorServicer
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +40,7 @@ MAINTENANCE_INTERVAL_S = 6 * 3600
 SERVICE_NAMES = (
     content_pb2.DESCRIPTOR.services_by_name["ContentService"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
+    vector_pb2.DESCRIPTOR.services_by_name["VectorService"].full_name,
 )
 
 
@@ -76,6 +86,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
     )
     content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
+    vector_pb2_grpc.add_VectorServiceServicer_to_server(VectorServicer(VectorService(db)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:

@@ -6,5 +6,6 @@ registers them."""
 from __future__ import annotations
 
 from server.tables import metadata
+from server.vectors import tables as _vector_tables  # noqa: F401
 
 __all__ = ["metadata"]
