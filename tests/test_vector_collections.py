@@ -294,3 +294,23 @@ async def test_one_name_is_created_once_whoever_races_for_it(app, db):
         )
         == 1
     )
+
+
+async def test_a_collection_deleted_by_another_process_is_not_found(vector_stub, alice, db):
+    name = await create_collection(vector_stub, alice, 4)
+    await upsert(vector_stub, alice, name, items(clustered(3, 4)))
+    request = vector_pb2.SearchSimilarRequest(collection=name, vector=[1, 0, 0, 0])
+    assert len(await _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata))) == 3
+    # As another server process would: this one still has the collection cached.
+    collection_id = await db.fetchval(
+        "DELETE FROM vector_collections WHERE owner_id = $1 AND name = $2 RETURNING id",
+        alice.user_id,
+        name,
+    )
+    await db.execute(f'DROP TABLE "vector_items_{collection_id.hex}"')
+    details = await expect_rpc_error(
+        _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata))
+    )
+    assert details.code == grpc.StatusCode.NOT_FOUND
+    await create_collection(vector_stub, alice, 4, name=name)
+    assert await _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata)) == []

@@ -272,6 +272,7 @@ async def test_search_validates_its_input(vector_stub, owner, cosine):
         ({"vector": [float("nan")] * DIMENSION}, "vector"),
         ({"vector": [1.0] * DIMENSION, "top_k": 1001}, "top_k"),
         ({"vector": [1.0] * DIMENSION, "ef_search": 0}, "ef_search"),
+        ({"vector": [1.0] * DIMENSION, "score_threshold": float("nan")}, "score_threshold"),
         ({"vector": [1.0] * DIMENSION, "collection": "Bad-Name"}, "collection"),
     ]
     for fields, field in cases:

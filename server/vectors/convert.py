@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -180,6 +181,14 @@ def ef_search(request: vector_pb2.SearchSimilarRequest) -> int | None:
     if not request.HasField("ef_search"):
         return None
     return _in_range(request.ef_search, 1, MAX_EF_SEARCH, "ef_search")
+
+
+def score_threshold(request: vector_pb2.SearchSimilarRequest) -> float | None:
+    if not request.HasField("score_threshold"):
+        return None
+    if not math.isfinite(request.score_threshold):
+        raise errors.InvalidArgument("score_threshold", "must be a finite number")
+    return request.score_threshold
 
 
 def item_to_proto(row: Any, spec: CollectionSpec, hits: Hits, target: vector_pb2.Item) -> None:

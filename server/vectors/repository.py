@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -29,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server import errors
 from server.db import PreparedStatement, driver_connection, rows_affected
 from server.vectors.tables import vector_collections, vector_items
 
@@ -277,9 +279,45 @@ def _filter_sql(filtered: bool, parameter: int) -> str:
     return f"metadata @> ${parameter}::jsonb" if filtered else "true"
 
 
+def begin_search_sql(
+    *, index: bool, ef_search: int | None = None, max_scan_tuples: int | None = None
+) -> str:
+    """BEGIN READ ONLY plus, for an index search, SET LOCAL of the HNSW
+    candidate list size and of iterative scans (so that a filter that drops
+    candidates still yields top_k), and how far such a scan may go (validated
+    ints all): one round trip, and nothing outlives the transaction."""
+    statements = ["BEGIN READ ONLY"]
+    if index:
+        statements.append("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        if ef_search is not None:
+            statements.append(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
+        if max_scan_tuples is not None:
+            statements.append(f"SET LOCAL hnsw.max_scan_tuples = {int(max_scan_tuples)}")
+            # The scan's memory grows with it (the multiplier is of work_mem).
+            statements.append("SET LOCAL hnsw.scan_mem_multiplier = 8")
+    return "; ".join(statements)
+
+
+def _distance(spec: CollectionSpec, exact: bool) -> str:
+    target = spec.column if exact else spec.indexed_expression
+    return f"{target} {spec.operator} $1"
+
+
+def similar_sql(spec: CollectionSpec, *, exact: bool, filtered: bool, hits: Hits) -> str:
+    """Nearest first. $1 the query vector, $2 the limit, $3 the filter.
+    Relaxed-order index scans may return hits slightly out of order, so the
+    (few) hits are sorted again outside."""
+    inner = (
+        f"SELECT {hits.columns(spec)}, {_distance(spec, exact)} AS distance "
+        f"FROM {spec.partition} WHERE {_filter_sql(filtered, 3)} "
+        "ORDER BY distance LIMIT $2"
+    )
+    return f"WITH hits AS MATERIALIZED ({inner}) SELECT * FROM hits ORDER BY distance, id"
+
+
 class ItemSearch:
-    """Reads of one collection's items, on a bare driver connection (the
-    searches' settings are SET LOCAL, so the caller runs them in a transaction)."""
+    """Reads of one collection's items, on a bare driver connection. Index
+    searches run inside `transaction()`, which carries their settings."""
 
     def __init__(self, driver: asyncpg.Connection, spec: CollectionSpec) -> None:
         self._driver = driver
@@ -289,55 +327,42 @@ class ItemSearch:
     def spec(self) -> CollectionSpec:
         return self._spec
 
-    def transaction(self) -> Any:
-        """A read-only transaction, for searches with SET LOCAL settings."""
-        return self._driver.transaction(readonly=True)
-
     async def get(self, item_id: str, hits: Hits) -> asyncpg.Record | None:
         return await self._driver.fetchrow(
             f"SELECT {hits.columns(self._spec)} FROM {self._spec.partition} WHERE id = $1",
             item_id,
         )
 
-    async def count_matching(self, filter_json: str, cap: int) -> int:
-        """How many items match the filter, counting no further than `cap`."""
-        count: int = await self._driver.fetchval(
-            f"SELECT count(*) FROM (SELECT 1 FROM {self._spec.partition} "
-            "WHERE metadata @> $1::jsonb LIMIT $2) AS matching",
+    async def count_matching(self, filter_json: str, cap: int) -> tuple[int, int]:
+        """How many items match the filter (counting no further than `cap`),
+        and about how many the collection holds (the planner's estimate)."""
+        row = await self._driver.fetchrow(
+            f"SELECT (SELECT count(*) FROM (SELECT 1 FROM {self._spec.partition} "
+            "WHERE metadata @> $1::jsonb LIMIT $2) AS matching) AS matches, "
+            "(SELECT reltuples::bigint FROM pg_class "
+            f"WHERE oid = '{self._spec.partition}'::regclass) AS total",
             filter_json,
             cap,
         )
-        return count
+        assert row is not None
+        return int(row["matches"]), int(row["total"])
 
-    async def use_index_settings(self, ef_search: int | None) -> None:
-        """For this transaction only: the HNSW candidate list size, and iterative
-        index scans, so that a filter that drops candidates still yields top_k."""
-        if ef_search is None:
-            await self._driver.execute(
-                "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true)"
-            )
-            return
+    @asynccontextmanager
+    async def transaction(
+        self, *, index: bool, ef_search: int | None = None, max_scan_tuples: int | None = None
+    ) -> AsyncIterator[None]:
+        """A read-only transaction for one search; see `begin_search_sql`."""
         await self._driver.execute(
-            "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-            "set_config('hnsw.ef_search', $1::int::text, true)",
-            ef_search,
+            begin_search_sql(index=index, ef_search=ef_search, max_scan_tuples=max_scan_tuples)
         )
-
-    def _distance(self, exact: bool) -> str:
-        spec = self._spec
-        target = spec.column if exact else spec.indexed_expression
-        return f"{target} {spec.operator} $1"
-
-    def similar_sql(self, *, exact: bool, filtered: bool, hits: Hits) -> str:
-        """Nearest first. $1 the query vector, $2 the limit, $3 the filter.
-        Relaxed-order index scans may return hits slightly out of order, so
-        the (few) hits are sorted again outside."""
-        inner = (
-            f"SELECT {hits.columns(self._spec)}, {self._distance(exact)} AS distance "
-            f"FROM {self._spec.partition} WHERE {_filter_sql(filtered, 3)} "
-            "ORDER BY distance LIMIT $2"
-        )
-        return f"WITH hits AS MATERIALIZED ({inner}) SELECT * FROM hits ORDER BY distance, id"
+        try:
+            yield
+        except errors.ObservatoryError:
+            await self._driver.execute("ROLLBACK")
+            raise
+        # Anything else discards the connection (Database.lookup), and its
+        # transaction with it.
+        await self._driver.execute("COMMIT")
 
     async def similar(
         self,
@@ -348,7 +373,7 @@ class ItemSearch:
         exact: bool,
         hits: Hits,
     ) -> list[asyncpg.Record]:
-        sql = self.similar_sql(exact=exact, filtered=filter_json is not None, hits=hits)
+        sql = similar_sql(self._spec, exact=exact, filtered=filter_json is not None, hits=hits)
         args = (vector, top_k) if filter_json is None else (vector, top_k, filter_json)
         return list(await self._driver.fetch(sql, *args))
 
@@ -384,7 +409,7 @@ class ItemSearch:
         where = _filter_sql(filter_json is not None, 6)
         sql = f"""
             WITH by_vector AS MATERIALIZED (
-                SELECT id, {self._distance(exact)} AS distance FROM {part}
+                SELECT id, {_distance(self._spec, exact)} AS distance FROM {part}
                 WHERE {where} ORDER BY distance LIMIT $3),
             vector_ranks AS (
                 SELECT id, distance, row_number() OVER (ORDER BY distance, id) AS r
@@ -431,7 +456,7 @@ class ItemSearch:
         self, vector: Any, top_k: int, filter_json: str | None, *, exact: bool
     ) -> str:
         """The plan of a similar() search, for tests and diagnosis."""
-        sql = self.similar_sql(exact=exact, filtered=filter_json is not None, hits=Hits())
+        sql = similar_sql(self._spec, exact=exact, filtered=filter_json is not None, hits=Hits())
         args = (vector, top_k) if filter_json is None else (vector, top_k, filter_json)
         rows = await self._driver.fetch(f"EXPLAIN {sql}", *args)
         return "\n".join(row[0] for row in rows)

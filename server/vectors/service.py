@@ -10,11 +10,15 @@ a connection.
 
 from __future__ import annotations
 
+import math
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+from cachetools import LRUCache
 from observatory.v1 import common_pb2, vector_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -42,6 +46,10 @@ EXACT_FILTER_LIMIT = 10_000
 HYBRID_CANDIDATES = 100
 DEFAULT_RRF_K = 60
 DEFAULT_DUPLICATE_THRESHOLD = 0.85
+SPEC_CACHE_SIZE = 10_000
+# pgvector's default bound on an iterative scan, and how far we raise it.
+DEFAULT_MAX_SCAN_TUPLES = 20_000
+MAX_SCAN_TUPLES = 2_000_000
 
 
 def _resource(spec: CollectionSpec) -> str:
@@ -51,6 +59,7 @@ def _resource(spec: CollectionSpec) -> str:
 class VectorService:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._specs: LRUCache[tuple[uuid.UUID, str], CollectionSpec] = LRUCache(SPEC_CACHE_SIZE)
 
     # -- collections ------------------------------------------------------------------
 
@@ -67,6 +76,7 @@ class VectorService:
                 if spec is None:
                     raise errors.AlreadyExists(f"collection {message.name!r} already exists")
                 await repo.create_storage(spec)
+                self._specs.pop((caller.user_id, spec.name), None)
                 await AuditRepository(conn).record(
                     caller, "vectors.collection.create", _resource(spec), {"name": spec.name}
                 )
@@ -91,6 +101,7 @@ class VectorService:
         async with self._db.write() as conn:
             repo = CollectionRepository(conn)
             spec = await repo.delete(caller.user_id, name)
+            self._specs.pop((caller.user_id, name), None)
             if spec is None:
                 raise _not_found(name)
             await repo.drop_storage(spec)
@@ -174,31 +185,47 @@ class VectorService:
     @asynccontextmanager
     async def _searching(self, caller: Principal, name: str) -> AsyncIterator[ItemSearch]:
         """A pooled driver connection with the vector codecs, and the caller's
-        collection `name` looked up on it (NOT_FOUND when it is not theirs)."""
+        collection `name` (NOT_FOUND when it is not theirs).
+
+        Collections never change, so their rows are cached per process: a
+        search then costs no lookup. A collection deleted by another process
+        shows as its partition missing; the entry is then dropped and the call
+        answered as the database now stands."""
         convert.check_name(name, "collection")
-        async with self._db.lookup() as driver:
-            await with_vector_codecs(driver)
-            spec = await lookup_collection(driver, caller.user_id, name)
-            if spec is None:
-                raise _not_found(name)
-            yield ItemSearch(driver, spec)
+        key = (caller.user_id, name)
+        try:
+            async with self._db.lookup() as driver:
+                await with_vector_codecs(driver)
+                spec = self._specs.get(key)
+                if spec is None:
+                    spec = await lookup_collection(driver, caller.user_id, name)
+                    if spec is None:
+                        raise _not_found(name)
+                    self._specs[key] = spec
+                yield ItemSearch(driver, spec)
+        except asyncpg.UndefinedTableError:
+            self._specs.pop(key, None)
+            async with self._db.lookup() as driver:
+                if await lookup_collection(driver, caller.user_id, name) is None:
+                    raise _not_found(name) from None
+            raise errors.Aborted(f"collection {name!r} was re-created meanwhile; retry") from None
 
     async def search_similar(
         self, caller: Principal, request: vector_pb2.SearchSimilarRequest
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
         top_k = convert.top_k(request.top_k)
         ef_search = convert.ef_search(request)
+        threshold = convert.score_threshold(request)
         filter_json = convert.filter_json(request.filter)
         hits = Hits(with_vector=request.with_vector, with_metadata=request.with_metadata)
         async with self._searching(caller, request.collection) as search:
             vector = convert.vector_value(request.vector, search.spec, "vector")
-            async with search.transaction():
-                exact = request.exact or await _few_match(search, filter_json)
-                if not exact:
-                    await search.use_index_settings(ef_search)
-                rows = await search.similar(vector, top_k, filter_json, exact=exact, hits=hits)
+            plan = await _plan(search, filter_json, top_k, exact=request.exact)
+            async with search.transaction(
+                index=not plan.exact, ef_search=ef_search, max_scan_tuples=plan.max_scan_tuples
+            ):
+                rows = await search.similar(vector, top_k, filter_json, exact=plan.exact, hits=hits)
             spec = search.spec
-        threshold = request.score_threshold if request.HasField("score_threshold") else None
         for row in rows:
             distance = row["distance"]
             score = convert.score(spec, distance)
@@ -235,18 +262,19 @@ class VectorService:
         hits = Hits()
         async with self._searching(caller, request.collection) as search:
             vector = convert.vector_value(request.vector, search.spec, "vector")
-            async with search.transaction():
-                exact = await _few_match(search, filter_json)
-                if not exact:
-                    await search.use_index_settings(None)
+            candidates = max(top_k, HYBRID_CANDIDATES)
+            plan = await _plan(search, filter_json, candidates, exact=False)
+            async with search.transaction(
+                index=not plan.exact, max_scan_tuples=plan.max_scan_tuples
+            ):
                 rows = await search.hybrid(
                     vector,
                     query,
                     top_k,
-                    max(top_k, HYBRID_CANDIDATES),
+                    candidates,
                     rrf_k,
                     filter_json,
-                    exact=exact,
+                    exact=plan.exact,
                     hits=hits,
                 )
             spec = search.spec
@@ -304,12 +332,31 @@ def _not_found(name: str) -> errors.NotFound:
     return errors.NotFound(f"collection {name!r} not found")
 
 
-async def _few_match(search: ItemSearch, filter_json: str | None) -> bool:
-    """Whether the filter is so selective that scoring every match beats
-    walking the index."""
+@dataclass(frozen=True, slots=True)
+class _ScanPlan:
+    exact: bool
+    max_scan_tuples: int | None = None
+
+
+async def _plan(
+    search: ItemSearch, filter_json: str | None, wanted: int, *, exact: bool
+) -> _ScanPlan:
+    """Exact when asked, or when the filter is so selective that scoring every
+    match beats walking the graph (and cannot miss). Otherwise an iterative
+    index scan, allowed to visit enough tuples to meet `wanted` matches twice
+    over at the filter's selectivity."""
+    if exact:
+        return _ScanPlan(exact=True)
     if filter_json is None:
-        return False
-    return await search.count_matching(filter_json, EXACT_FILTER_LIMIT) < EXACT_FILTER_LIMIT
+        return _ScanPlan(exact=False)
+    matches, total = await search.count_matching(filter_json, EXACT_FILTER_LIMIT)
+    if matches < EXACT_FILTER_LIMIT:
+        return _ScanPlan(exact=True)
+    needed = math.ceil(2 * wanted * max(total, matches) / matches)
+    return _ScanPlan(
+        exact=False,
+        max_scan_tuples=max(DEFAULT_MAX_SCAN_TUPLES, min(needed, MAX_SCAN_TUPLES)),
+    )
 
 
 def _query(value: str, *, required: bool) -> str:
