@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -119,6 +119,40 @@ class Child:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def service_under_test(
+    port: int, database_url: str, secret: str, log_name: str, **settings: str
+) -> Child:
+    """`python -m server` on `port` against `database_url`, with its log in
+    DATA_DIR/`log_name`; `settings` add or override environment variables."""
+    env = {
+        **os.environ,
+        "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
+        "DATABASE_URL": database_url,
+        "OBSERVATORY_JWT_SECRET": secret,
+        "OBSERVATORY_DATA_DIR": str(DATA_DIR),
+        "OBSERVATORY_SHUTDOWN_GRACE": "1",
+        **settings,
+    }
+    return Child(
+        "the server under test", [sys.executable, "-m", "server"], env, DATA_DIR / log_name
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(child: Child, port: int) -> AsyncIterator[grpc.aio.Channel]:
+    """Starts `child`, waits until it is SERVING on `port` and yields a channel
+    to it that sends messages up to 64 MiB; stops the child afterwards."""
+    child.start()
+    try:
+        await wait_serving(child, port)
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        ) as channel:
+            yield channel
+    finally:
+        child.stop()
 
 
 async def wait_serving(child: Child, port: int, limit_s: float = 90.0) -> None:

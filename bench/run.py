@@ -36,6 +36,8 @@ from bench.env import (
     load_average,
     machine_facts,
     postmaster_pid,
+    service_under_test,
+    serving,
     wait_serving,
 )
 from bench.report import Row, table, write_results
@@ -178,21 +180,13 @@ class Bench:
     # -- processes --------------------------------------------------------------
 
     def _server(self, port: int) -> Child:
-        env = {
-            **os.environ,
-            "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
-            "DATABASE_URL": self.url,
-            "OBSERVATORY_JWT_SECRET": SECRET,
-            "OBSERVATORY_DATA_DIR": str(DATA_DIR),
-            "OBSERVATORY_LOG_LEVEL": self.config.log_level,
-            "OBSERVATORY_WORKERS": str(self.config.workers),
-            "OBSERVATORY_SHUTDOWN_GRACE": "1",
-        }
-        return Child(
-            "the server under test",
-            [sys.executable, "-m", "server"],
-            env,
-            DATA_DIR / "server.log",
+        return service_under_test(
+            port,
+            self.url,
+            SECRET,
+            "server.log",
+            OBSERVATORY_LOG_LEVEL=self.config.log_level,
+            OBSERVATORY_WORKERS=str(self.config.workers),
         )
 
     def _bare(self, port: int, get: Path, listing: Path) -> Child:
@@ -236,14 +230,9 @@ class Bench:
 
             port = free_port()
             server = self._server(port)
-            server.start()
-            self.server_pid = server.pid
             try:
-                await wait_serving(server, port)
-                async with grpc.aio.insecure_channel(
-                    f"127.0.0.1:{port}",
-                    options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
-                ) as channel:
+                async with serving(server, port) as channel:
+                    self.server_pid = server.pid
                     await self.ingest(
                         server, conn, channel, batches, records, warm_batches, warm_records
                     )
@@ -255,7 +244,6 @@ class Bench:
                     requests = await self.prepare_reads(conn, stub)
                     await self.reads_ours(server, port, stub, requests)
             finally:
-                server.stop()
                 self.server_pid = None
 
             bare_port = free_port()

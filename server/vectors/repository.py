@@ -229,17 +229,23 @@ class CollectionRepository:
             STAGING_TABLE, records=records, columns=("stream_index", *STAGED_COLUMNS)
         )
 
-    async def move_staged(self, spec: CollectionSpec, first: int, last: int) -> int:
+    async def move_staged(
+        self, spec: CollectionSpec, first: int, last: int, *, repeated_ids: bool = True
+    ) -> int:
         """Upserts the staged rows with a stream index in [first, last] into the
-        collection in one statement (the last of repeated ids wins); returns
-        how many rows were written."""
+        collection in one statement; returns how many rows were written. With
+        `repeated_ids` the last of each id wins (one row may not be upserted
+        twice in one statement); without, the rows go in unsorted."""
         driver = await self._driver()
         columns = ", ".join(STAGED_COLUMNS)
         updates = ", ".join(f"{name} = excluded.{name}" for name in STAGED_COLUMNS[1:])
+        distinct, order = (
+            ("DISTINCT ON (id) ", " ORDER BY id, stream_index DESC") if repeated_ids else ("", "")
+        )
         status = await driver.execute(
             f"INSERT INTO {spec.partition} (collection_id, {columns}) "
-            f"SELECT DISTINCT ON (id) '{spec.id}'::uuid, {columns} FROM {STAGING_TABLE} "
-            "WHERE stream_index BETWEEN $1 AND $2 ORDER BY id, stream_index DESC "
+            f"SELECT {distinct}'{spec.id}'::uuid, {columns} FROM {STAGING_TABLE} "
+            f"WHERE stream_index BETWEEN $1 AND $2{order} "
             f"ON CONFLICT (collection_id, id) DO UPDATE SET {updates}, update_time = now()",
             first,
             last,

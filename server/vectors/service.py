@@ -395,9 +395,12 @@ class _Upsert:
 
     async def _flush(self, batch: list[tuple[Any, ...]]) -> None:
         await self._repo.stage(batch)
+        repeated = len({record[1] for record in batch}) < len(batch)
         await bulk.move_in_halves(
             self._conn,
-            lambda first, last: self._repo.move_staged(self._spec, first, last),
+            lambda first, last: self._repo.move_staged(
+                self._spec, first, last, repeated_ids=repeated
+            ),
             batch[0][0],
             batch[-1][0],
             self._errors,
