@@ -4,8 +4,10 @@ processes (the server under test, the bare server) and the machine facts."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -119,6 +121,22 @@ class Child:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def access_log_statuses(server: Child, since: int, method: str) -> collections.Counter[str]:
+    """The grpc status of each `method` call in the service's access log, from
+    byte offset `since` on (h2load cannot see grpc-status itself)."""
+    statuses: collections.Counter[str] = collections.Counter()
+    with server.log_path.open("rb") as log:
+        log.seek(since)
+        for line in log:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("message") == "rpc" and entry.get("method") == method:
+                statuses[entry.get("status", "?")] += 1
+    return statuses
 
 
 def service_under_test(

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import json
 import os
 import sys
 import time
@@ -29,6 +27,7 @@ from bench.env import (
     RESULTS,
     Child,
     CpuMeter,
+    access_log_statuses,
     code_version,
     ensure_h2load,
     free_port,
@@ -423,20 +422,6 @@ class Bench:
             raise RuntimeError(f"h2load saw failures:\n{result.output}")
         return result
 
-    def _statuses(self, server: Child, since: int, method: str) -> collections.Counter[str]:
-        """The grpc status of each `method` call in the service's access log."""
-        statuses: collections.Counter[str] = collections.Counter()
-        with server.log_path.open("rb") as log:
-            log.seek(since)
-            for line in log:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("message") == "rpc" and entry.get("method") == method:
-                    statuses[entry.get("status", "?")] += 1
-        return statuses
-
     async def reads_ours(
         self,
         server: Child,
@@ -459,7 +444,7 @@ class Bench:
             measured[f"ours.{key}"] = result.rate
             say(f"    {result.rate:,.0f} req/s, {result.succeeded:,} succeeded")
             if self.config.log_level in ("DEBUG", "INFO"):
-                statuses = self._statuses(server, since, method)
+                statuses = access_log_statuses(server, since, method)
                 total = sum(statuses.values())
                 if set(statuses) != {"OK"} or total < result.done:
                     raise RuntimeError(f"{method}: access log statuses {dict(statuses)}")

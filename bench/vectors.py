@@ -26,13 +26,17 @@ import numpy as np
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 from pgvector.asyncpg import register_vector
 
-from bench import profile
+from bench import h2, profile
 from bench.env import (
     DATA_DIR,
     RESULTS_DIR,
+    Child,
     CpuMeter,
+    access_log_statuses,
     code_version,
+    ensure_h2load,
     free_port,
+    h2load_version,
     load_average,
     machine_facts,
     postmaster_pid,
@@ -50,6 +54,7 @@ DATABASE = f"observatory_bench_{SUITE}"
 RESULTS = RESULTS_DIR / f"{SUITE}.md"
 SECRET = "observatory-bench-secret-that-is-long-enough-for-hs256"
 COLLECTION = "bench"
+SEARCH_SIMILAR = "/observatory.v1.VectorService/SearchSimilar"
 TOP_K = 10
 EF_SEARCHES = (40, 100)
 CLIENTS = (1, 8)
@@ -184,15 +189,19 @@ class Results:
 
 
 class Bench:
-    def __init__(self, config: Config, url: str) -> None:
+    def __init__(self, config: Config, url: str, h2load: str) -> None:
         self.config = config
         self.url = url
+        self.h2load = h2load
         user_id = uuid.uuid5(uuid.NAMESPACE_URL, f"observatory:bench:{SUITE}")
         self.user_id = user_id
         self.metadata = (
             ("authorization", f"Bearer {issue_token(SECRET, user_id, 'user', 4 * 3600)}"),
         )
         self.results = Results()
+        self.token = issue_token(SECRET, user_id, "user", 4 * 3600)
+        self.server: Child | None = None
+        self.port = 0
         self.server_pid = 0
 
     async def run(self) -> Results:
@@ -201,8 +210,13 @@ class Bench:
         data, queries = sample[: config.rows], sample[config.rows :]
         say(f"{config.rows:,} x {config.dimension} vectors, {config.queries} queries")
         port = free_port()
-        server = service_under_test(port, self.url, SECRET, "server-vectors.log")
+        # A pool as large as the raw one: with the default 5, the overflow
+        # connections of 8 clients would be opened and closed on every query.
+        server = service_under_test(
+            port, self.url, SECRET, "server-vectors.log", DATABASE_POOL_SIZE=str(max(CLIENTS))
+        )
         async with serving(server, port) as channel:
+            self.server, self.port = server, port
             self.server_pid = server.pid
             stub = vector_pb2_grpc.VectorServiceStub(channel)
             await stub.CreateCollection(
@@ -219,6 +233,7 @@ class Bench:
             await self._recall(stub, queries, truth)
             await self._throughput(stub, spec, queries)
             server.check_alive()
+        self._note_conditions()
         return self.results
 
     async def _connect(self) -> asyncpg.Connection:
@@ -323,6 +338,13 @@ class Bench:
             f"{workers}: `{index_sql}`"
         )
 
+    def _note_conditions(self) -> None:
+        self.results.notes.append(
+            "run while other engineers' test suites and benchmarks were loading this 2-core "
+            "machine (see the load averages): rates and ratios move by a third or more "
+            "between runs"
+        )
+
     def _request(
         self, query: np.ndarray, ef_search: int, top_k: int = TOP_K
     ) -> vector_pb2.SearchSimilarRequest:
@@ -406,8 +428,70 @@ class Bench:
                         THROUGHPUT_TARGET if top_k == TOP_K else None,
                     )
                 )
+            await self._throughput_h2load(pool, sql, queries[0])
         finally:
             await pool.close()
+
+    async def _throughput_h2load(self, pool: asyncpg.Pool, sql: str, query: np.ndarray) -> None:
+        """The same comparison with h2load (C) as the client instead of grpc.aio
+        in this process, and one constant query on both sides (h2load sends one
+        body): what the service itself costs."""
+        assert self.server is not None
+        for ef_search in EF_SEARCHES:
+            body = h2.grpc_body(
+                self._request(query, ef_search), DATA_DIR / "files" / f"{SUITE}-ef{ef_search}.bin"
+            )
+            begin = begin_search_sql(index=True, ef_search=ef_search)
+
+            async def raw(i: int, begin=begin) -> None:  # type: ignore[no-untyped-def]
+                async with pool.acquire() as conn:
+                    await conn.execute(begin)
+                    rows = await conn.fetch(sql, query, TOP_K)
+                    await conn.execute("COMMIT")
+                assert len(rows) == TOP_K
+
+            for clients in CLIENTS:
+                label = f"top {TOP_K}, ef_search {ef_search}, {clients} stream(s), h2load"
+                say(f"SearchSimilar {label}")
+                since = self.server.log_size()
+                meter = CpuMeter({"server": [self.server_pid], "postgres": [postmaster_pid() or 0]})
+                meter.start()
+                result = h2.run(
+                    self.h2load,
+                    port=self.port,
+                    method=SEARCH_SIMILAR,
+                    body=body,
+                    token=self.token,
+                    duration=self.config.duration,
+                    warmup=self.config.warmup,
+                    clients=1,
+                    streams=clients,
+                )
+                self.results.cpu.append((f"ours, {label}", result.rate, meter.stop()))
+                statuses = access_log_statuses(self.server, since, SEARCH_SIMILAR)
+                # (h2load may count one 2xx fewer than requests done: the last
+                # stream's trailers arrive after its clock stopped.)
+                failures = result.failed + result.errored + result.timeouts
+                if (
+                    failures
+                    or result.succeeded != result.done
+                    or set(statuses) != {"OK"}
+                    or sum(statuses.values()) < result.done
+                ):
+                    raise RuntimeError(f"h2load: {dict(statuses)}\n{result.output}")
+                raw_rate = await self._metered(f"raw, {label}", raw, clients)
+                say(f"    ours {result.rate:,.0f}/s, raw {raw_rate:,.0f}/s")
+                self.results.rows.append(
+                    Row(
+                        f"SearchSimilar top {TOP_K}, ef_search {ef_search}, {clients} "
+                        f"stream{'s' if clients > 1 else ''} from h2load, one query",
+                        result.rate,
+                        raw_rate,
+                        "queries/s",
+                        "raw asyncpg, same SQL, same query",
+                        THROUGHPUT_TARGET,
+                    )
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -415,13 +499,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = datetime.now(UTC)
     load_before = load_average()
     say(f"{'quick' if config.quick else 'full'} run; load average {load_before}")
+    h2load = ensure_h2load()
     embedded = EmbeddedPostgres(DATA_DIR)
     embedded.start()
     try:
         url = embedded.ensure_database(DATABASE, fresh=True)
         say(f"database {DATABASE} in {DATA_DIR}: migrating")
         migrate.upgrade(url)
-        bench = Bench(config, url)
+        bench = Bench(config, url, h2load)
         results = asyncio.run(bench.run())
         embedded.drop_database(DATABASE)
     finally:
@@ -447,7 +532,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"seed 42; 100 clusters of intrinsic dimension 24), {config.queries} held-out queries; "
         "cosine; m 16, ef_construction 64",
         "server under test": "`python -m server` in its own process, defaults (1 worker, "
-        "access log at INFO); clients: grpc.aio in the bench process, one channel",
+        f"access log at INFO) but DATABASE_POOL_SIZE={max(CLIENTS)} (the raw pool's size; with "
+        "the default 5, 8 clients churn overflow connections); clients: grpc.aio in the bench "
+        "process, one channel",
+        "h2load": f"{h2load_version(h2load)}: -c 1 -m <clients>, -t 1",
         "raw baseline": f"asyncpg pool of {max(CLIENTS)} with pgvector's binary codecs: per query "
         "`BEGIN READ ONLY; SET LOCAL ...` (one round trip), the service's own SELECT "
         "(server.vectors.repository.similar_sql), COMMIT",
