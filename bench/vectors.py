@@ -72,6 +72,7 @@ class Config:
     duration: float
     warmup: float
     profile: bool
+    workers: int
     output: Path
 
 
@@ -89,6 +90,12 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         action="store_true",
         help="py-spy the server during its SearchSimilar runs (.data/bench/profiles)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("OBSERVATORY_WORKERS", "1")),
+        help="server processes (OBSERVATORY_WORKERS, 1)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the results")
     args = parser.parse_args(argv)
     quick = bool(args.quick)
@@ -101,6 +108,7 @@ def parse_args(argv: Sequence[str] | None) -> Config:
         duration=args.duration or (2.0 if quick else 5.0),
         warmup=args.warmup or (0.5 if quick else 1.0),
         profile=bool(args.profile),
+        workers=args.workers,
         output=args.output,
     )
 
@@ -213,7 +221,12 @@ class Bench:
         # A pool as large as the raw one: with the default 5, the overflow
         # connections of 8 clients would be opened and closed on every query.
         server = service_under_test(
-            port, self.url, SECRET, "server-vectors.log", DATABASE_POOL_SIZE=str(max(CLIENTS))
+            port,
+            self.url,
+            SECRET,
+            "server-vectors.log",
+            DATABASE_POOL_SIZE=str(max(CLIENTS)),
+            OBSERVATORY_WORKERS=str(self.config.workers),
         )
         async with serving(server, port) as channel:
             self.server, self.port = server, port
@@ -531,10 +544,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "data": f"{config.rows:,} clustered vectors of dimension {config.dimension} (numpy, "
         f"seed 42; 100 clusters of intrinsic dimension 24), {config.queries} held-out queries; "
         "cosine; m 16, ef_construction 64",
-        "server under test": "`python -m server` in its own process, defaults (1 worker, "
-        f"access log at INFO) but DATABASE_POOL_SIZE={max(CLIENTS)} (the raw pool's size; with "
-        "the default 5, 8 clients churn overflow connections); clients: grpc.aio in the bench "
-        "process, one channel",
+        "server under test": "`python -m server` in its own process: "
+        f"OBSERVATORY_WORKERS={config.workers}, access log at INFO (the default), "
+        f"DATABASE_POOL_SIZE={max(CLIENTS)} (the raw pool's size; with the default 5, 8 "
+        "clients churn overflow connections); clients: grpc.aio in the bench process, one "
+        "channel (so one connection, served by one worker)",
         "h2load": f"{h2load_version(h2load)}: -c 1 -m <clients>, -t 1",
         "raw baseline": f"asyncpg pool of {max(CLIENTS)} with pgvector's binary codecs: per query "
         "`BEGIN READ ONLY; SET LOCAL ...` (one round trip), the service's own SELECT "
