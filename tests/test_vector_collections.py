@@ -314,3 +314,31 @@ async def test_a_collection_deleted_by_another_process_is_not_found(vector_stub,
     assert details.code == grpc.StatusCode.NOT_FOUND
     await create_collection(vector_stub, alice, 4, name=name)
     assert await _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata)) == []
+
+
+async def test_a_collection_re_created_by_another_process_asks_for_a_retry(vector_stub, alice, db):
+    name = await create_collection(vector_stub, alice, 4)
+    request = vector_pb2.SearchSimilarRequest(collection=name, vector=[1, 0, 0, 0])
+    await _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata))  # now cached
+    # Another server process deletes it and makes a new one of the same name.
+    old_id = await db.fetchval(
+        "DELETE FROM vector_collections WHERE owner_id = $1 AND name = $2 RETURNING id",
+        alice.user_id,
+        name,
+    )
+    await db.execute(f'DROP TABLE "vector_items_{old_id.hex}"')
+    new_id = await db.fetchval(
+        "INSERT INTO vector_collections (owner_id, name, dimension, metric, precision, hnsw_m, "
+        "hnsw_ef_construction) VALUES ($1, $2, 4, 'cosine', 'float32', 16, 64) RETURNING id",
+        alice.user_id,
+        name,
+    )
+    await db.execute(
+        f'CREATE TABLE "vector_items_{new_id.hex}" PARTITION OF vector_items '
+        f"FOR VALUES IN ('{new_id}')"
+    )
+    details = await expect_rpc_error(
+        _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata))
+    )
+    assert details.code == grpc.StatusCode.ABORTED
+    assert await _drain(vector_stub.SearchSimilar(request, metadata=alice.metadata)) == []
