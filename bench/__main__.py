@@ -20,6 +20,7 @@ SUITES = {
     "content": "bench.run",
     "actors": "bench.actors",
     "credits": "bench.credits",
+    "vectors": "bench.vectors",
 }
 
 

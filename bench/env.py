@@ -4,8 +4,10 @@ processes (the server under test, the bare server) and the machine facts."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -14,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -119,6 +121,56 @@ class Child:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def access_log_statuses(server: Child, since: int, method: str) -> collections.Counter[str]:
+    """The grpc status of each `method` call in the service's access log, from
+    byte offset `since` on (h2load cannot see grpc-status itself)."""
+    statuses: collections.Counter[str] = collections.Counter()
+    with server.log_path.open("rb") as log:
+        log.seek(since)
+        for line in log:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("message") == "rpc" and entry.get("method") == method:
+                statuses[entry.get("status", "?")] += 1
+    return statuses
+
+
+def service_under_test(
+    port: int, database_url: str, secret: str, log_name: str, **settings: str
+) -> Child:
+    """`python -m server` on `port` against `database_url`, with its log in
+    DATA_DIR/`log_name`; `settings` add or override environment variables."""
+    env = {
+        **os.environ,
+        "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
+        "DATABASE_URL": database_url,
+        "OBSERVATORY_JWT_SECRET": secret,
+        "OBSERVATORY_DATA_DIR": str(DATA_DIR),
+        "OBSERVATORY_SHUTDOWN_GRACE": "1",
+        **settings,
+    }
+    return Child(
+        "the server under test", [sys.executable, "-m", "server"], env, DATA_DIR / log_name
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(child: Child, port: int) -> AsyncIterator[grpc.aio.Channel]:
+    """Starts `child`, waits until it is SERVING on `port` and yields a channel
+    to it that sends messages up to 64 MiB; stops the child afterwards."""
+    child.start()
+    try:
+        await wait_serving(child, port)
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+        ) as channel:
+            yield channel
+    finally:
+        child.stop()
 
 
 async def wait_serving(child: Child, port: int, limit_s: float = 90.0) -> None:

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
-import json
 import os
 import sys
 import time
@@ -29,6 +27,7 @@ from bench.env import (
     RESULTS,
     Child,
     CpuMeter,
+    access_log_statuses,
     code_version,
     ensure_h2load,
     free_port,
@@ -36,6 +35,8 @@ from bench.env import (
     load_average,
     machine_facts,
     postmaster_pid,
+    service_under_test,
+    serving,
     wait_serving,
 )
 from bench.report import Row, table, write_results
@@ -178,21 +179,13 @@ class Bench:
     # -- processes --------------------------------------------------------------
 
     def _server(self, port: int) -> Child:
-        env = {
-            **os.environ,
-            "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
-            "DATABASE_URL": self.url,
-            "OBSERVATORY_JWT_SECRET": SECRET,
-            "OBSERVATORY_DATA_DIR": str(DATA_DIR),
-            "OBSERVATORY_LOG_LEVEL": self.config.log_level,
-            "OBSERVATORY_WORKERS": str(self.config.workers),
-            "OBSERVATORY_SHUTDOWN_GRACE": "1",
-        }
-        return Child(
-            "the server under test",
-            [sys.executable, "-m", "server"],
-            env,
-            DATA_DIR / "server.log",
+        return service_under_test(
+            port,
+            self.url,
+            SECRET,
+            "server.log",
+            OBSERVATORY_LOG_LEVEL=self.config.log_level,
+            OBSERVATORY_WORKERS=str(self.config.workers),
         )
 
     def _bare(self, port: int, get: Path, listing: Path) -> Child:
@@ -236,14 +229,9 @@ class Bench:
 
             port = free_port()
             server = self._server(port)
-            server.start()
-            self.server_pid = server.pid
             try:
-                await wait_serving(server, port)
-                async with grpc.aio.insecure_channel(
-                    f"127.0.0.1:{port}",
-                    options=[("grpc.max_send_message_length", 64 * 1024 * 1024)],
-                ) as channel:
+                async with serving(server, port) as channel:
+                    self.server_pid = server.pid
                     await self.ingest(
                         server, conn, channel, batches, records, warm_batches, warm_records
                     )
@@ -255,7 +243,6 @@ class Bench:
                     requests = await self.prepare_reads(conn, stub)
                     await self.reads_ours(server, port, stub, requests)
             finally:
-                server.stop()
                 self.server_pid = None
 
             bare_port = free_port()
@@ -435,20 +422,6 @@ class Bench:
             raise RuntimeError(f"h2load saw failures:\n{result.output}")
         return result
 
-    def _statuses(self, server: Child, since: int, method: str) -> collections.Counter[str]:
-        """The grpc status of each `method` call in the service's access log."""
-        statuses: collections.Counter[str] = collections.Counter()
-        with server.log_path.open("rb") as log:
-            log.seek(since)
-            for line in log:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                if entry.get("message") == "rpc" and entry.get("method") == method:
-                    statuses[entry.get("status", "?")] += 1
-        return statuses
-
     async def reads_ours(
         self,
         server: Child,
@@ -471,7 +444,7 @@ class Bench:
             measured[f"ours.{key}"] = result.rate
             say(f"    {result.rate:,.0f} req/s, {result.succeeded:,} succeeded")
             if self.config.log_level in ("DEBUG", "INFO"):
-                statuses = self._statuses(server, since, method)
+                statuses = access_log_statuses(server, since, method)
                 total = sum(statuses.values())
                 if set(statuses) != {"OK"} or total < result.done:
                     raise RuntimeError(f"{method}: access log statuses {dict(statuses)}")

@@ -18,6 +18,8 @@ from observatory.v1 import (
     content_pb2_grpc,
     credit_pb2,
     credit_pb2_grpc,
+    vector_pb2,
+    vector_pb2_grpc,
 )
 
 from server import idempotency
@@ -35,6 +37,8 @@ from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
 from server.periodic import Periodic
 from server.settings import Settings
+from server.vectors.service import VectorService
+from server.vectors.servicer import VectorServicer
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,7 @@ SERVICE_NAMES = (
     admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
     actor_pb2.DESCRIPTOR.services_by_name["ActorService"].full_name,
     credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
+    vector_pb2.DESCRIPTOR.services_by_name["VectorService"].full_name,
 )
 
 
@@ -96,6 +101,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
     actor_pb2_grpc.add_ActorServiceServicer_to_server(ActorServicer(ActorService(db)), server)
     credits = CreditService(db)
     credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(credits), server)
+    vector_pb2_grpc.add_VectorServiceServicer_to_server(VectorServicer(VectorService(db)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:

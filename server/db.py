@@ -154,6 +154,11 @@ async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     return driver
 
 
+def rows_affected(status: str) -> int:
+    """The row count of a driver command status such as 'INSERT 0 12' or 'DELETE 3'."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
 class PreparedStatement:
     """A fixed-shape Core statement, compiled once for asyncpg and run as a
     server-side prepared statement on the driver connection: the fast path for

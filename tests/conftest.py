@@ -13,7 +13,13 @@ import asyncpg
 import grpc
 import pytest
 import pytest_asyncio
-from observatory.v1 import actor_pb2_grpc, admin_pb2_grpc, content_pb2_grpc, credit_pb2_grpc
+from observatory.v1 import (
+    actor_pb2_grpc,
+    admin_pb2_grpc,
+    content_pb2_grpc,
+    credit_pb2_grpc,
+    vector_pb2_grpc,
+)
 
 from server import migrate
 from server.app import App, create_server
@@ -122,3 +128,22 @@ def actor_stub(channel: grpc.aio.Channel) -> actor_pb2_grpc.ActorServiceStub:
 @pytest.fixture
 def credit_stub(channel: grpc.aio.Channel) -> credit_pb2_grpc.CreditServiceStub:
     return credit_pb2_grpc.CreditServiceStub(channel)
+
+
+@pytest.fixture
+def vector_stub(channel: grpc.aio.Channel) -> vector_pb2_grpc.VectorServiceStub:
+    return vector_pb2_grpc.VectorServiceStub(channel)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def drop_vector_collections(database_url: str) -> AsyncIterator[None]:
+    """After the module: every collection and its partition gone, so the shared
+    database keeps only the tables the migrations made."""
+    yield
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            for row in await conn.fetch("DELETE FROM vector_collections RETURNING id"):
+                await conn.execute(f'DROP TABLE IF EXISTS "vector_items_{row["id"].hex}"')
+    finally:
+        await conn.close()

@@ -61,6 +61,7 @@ async def test_upgrade_downgrade_upgrade(scratch_url):
     assert {"actors", "actor_aliases", "actor_presences"} <= tables
     assert await _has_extension(scratch_url, "pg_trgm")
     assert set(CREDIT_TABLES) <= tables
+    assert {"vector_collections", "vector_items"} <= tables
     this_month = "content_p" + datetime.now(UTC).strftime("%Y%m")
     assert this_month in tables
 
@@ -108,7 +109,9 @@ async def test_new_partition_takes_its_rows_out_of_the_default_partition(db):
 
 
 def _is_partition(obj, name, type_, reflected, compare_to) -> bool:
-    return type_ == "table" and (name.startswith("content_p") or name == "content_default")
+    return type_ == "table" and (
+        name.startswith(("content_p", "vector_items_")) or name == "content_default"
+    )
 
 
 async def test_the_tables_the_code_uses_match_what_the_migrations_made(database_url):

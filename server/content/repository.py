@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.actors.tables import actor_presences
 from server.content.convert import INSERT_COLUMNS
-from server.db import PreparedStatement, driver_connection
+from server.db import PreparedStatement, driver_connection, rows_affected
 from server.tables import CONTENT_NATURAL_KEY, CONTENT_TS_CONFIG, content
 
 # Everything but the (large, derived) full-text vector.
@@ -261,7 +261,7 @@ class ContentRepository:
             first,
             last,
         )
-        return int(status.rsplit(" ", 1)[-1])
+        return rows_affected(status)
 
     async def clear_staging(self) -> None:
         driver = await driver_connection(self._conn)

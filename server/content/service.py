@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import bisect
 import hashlib
 import uuid
 from collections.abc import AsyncIterator
@@ -11,20 +10,19 @@ from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import field_mask_pb2
-from observatory.v1 import common_pb2, content_pb2
+from observatory.v1 import content_pb2
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server import errors, idempotency, pagination
+from server import bulk, errors, idempotency, pagination
 from server.audit import AuditRepository
 from server.auth import Principal
 from server.content import convert
 from server.content.repository import ContentQuery, ContentRepository, lookup_content
-from server.db import Database, sqlstate
+from server.db import Database
 from server.protoconv import parse_uuid, timestamp_field
 from server.tables import CONTENT_NATURAL_KEY
 
 INGEST_BATCH_ROWS = 5000
-MAX_REPORTED_ERRORS = 10_000
 
 
 def _owner_scope(caller: Principal) -> uuid.UUID | None:
@@ -223,16 +221,6 @@ class ContentService:
             return await ContentRepository(conn).ensure_partitions(today, months_ahead + 1)
 
 
-# SQLSTATE classes of errors that a row's own values cause: data exceptions,
-# integrity violations, program limits. Validation should catch them all first.
-_ROW_ERROR_CLASSES = ("22", "23", "54")
-
-
-def _is_row_error(exc: BaseException) -> bool:
-    code = sqlstate(exc)
-    return code is not None and code[:2] in _ROW_ERROR_CLASSES
-
-
 class _Ingest:
     """One IngestContent stream: validate each row, COPY good ones in batches,
     report bad ones by their index in the whole stream.
@@ -249,16 +237,8 @@ class _Ingest:
         # Only a stream with a request_id needs its payload digested.
         self._digest: Any = None
         self._response = content_pb2.IngestContentResponse()
-        # (index, field, reason) of the first MAX_REPORTED_ERRORS rejected rows.
-        self._errors: list[tuple[int, str, str]] = []
+        self._errors = bulk.ItemErrors()
         self._valid = 0
-        self._refused = 0
-
-    def _add_error(self, index: int, field: str, reason: str) -> None:
-        self._response.error_count += 1
-        if len(self._errors) < MAX_REPORTED_ERRORS or index < self._errors[-1][0]:
-            bisect.insort(self._errors, (index, field, reason))
-            del self._errors[MAX_REPORTED_ERRORS:]
 
     def _absorb(
         self, message: content_pb2.IngestContentRequest, batch: list[tuple[Any, ...]]
@@ -270,7 +250,7 @@ class _Ingest:
             try:
                 record = (*convert.ingest_record(item, self._caller.user_id), index)
             except errors.InvalidArgument as error:
-                self._add_error(index, error.field, error.field_violations[0][1])
+                self._errors.add(index, error.field, error.field_violations[0][1])
                 continue
             self._valid += 1
             batch.append(record)
@@ -285,20 +265,9 @@ class _Ingest:
     async def _move(self, first: int, last: int) -> int:
         """Moves the staged rows [first, last] into content, skipping (and
         reporting) each row the database refuses."""
-        try:
-            async with self._conn.begin_nested():
-                return await self._repo.move_staged(first, last)
-        except Exception as exc:
-            if not _is_row_error(exc):
-                raise
-            if first == last:
-                self._refused += 1
-                self._add_error(
-                    first, "", f"the database refused this row: {getattr(exc, 'orig', exc)}"
-                )
-                return 0
-        middle = (first + last) // 2
-        return await self._move(first, middle) + await self._move(middle + 1, last)
+        return await bulk.move_in_halves(
+            self._conn, self._repo.move_staged, first, last, self._errors
+        )
 
     async def run(
         self,
@@ -340,11 +309,9 @@ class _Ingest:
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
         self._response.inserted = inserted
-        self._response.duplicates = self._valid - self._refused - inserted
-        self._response.errors.extend(
-            common_pb2.ItemError(index=index, field=field, reason=reason)
-            for index, field, reason in self._errors
-        )
+        self._response.duplicates = self._valid - self._errors.refused - inserted
+        self._response.error_count = self._errors.count
+        self._response.errors.extend(self._errors.messages())
         await AuditRepository(self._conn).record(
             self._caller,
             "content.ingest",

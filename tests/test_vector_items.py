@@ -1,0 +1,134 @@
+"""UpsertItems, GetItem and DeleteItems: insert or replace by id, bad items
+reported by index with the rest kept."""
+
+import math
+
+import grpc
+import pytest
+from observatory.v1 import vector_pb2
+
+from tests.helpers import expect_rpc_error
+from tests.vector_helpers import clustered, create_collection, items, upsert
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("drop_vector_collections")]
+
+
+async def _get(stub, caller, name, item_id, with_vector=True) -> vector_pb2.Item:
+    return await stub.GetItem(
+        vector_pb2.GetItemRequest(collection=name, id=item_id, with_vector=with_vector),
+        metadata=caller.metadata,
+    )
+
+
+async def _count(stub, caller, name) -> int:
+    got = await stub.GetCollection(
+        vector_pb2.GetCollectionRequest(name=name), metadata=caller.metadata
+    )
+    return got.item_count
+
+
+async def test_upsert_inserts_then_replaces_by_id(vector_stub, alice):
+    name = await create_collection(vector_stub, alice, 4)
+    first = items(clustered(20, 4), text="before", url="https://a.org/x")
+    response = await upsert(vector_stub, alice, name, first, per_message=7)
+    assert (response.upserted, response.received, response.error_count) == (20, 20, 0)
+
+    replacement = vector_pb2.Item(
+        id="item-3",
+        vector=[1, 2, 3, 4],
+        text="after",
+        content_id="0191e8a2-0000-7000-8000-000000000000",
+    )
+    replacement.metadata.update({"k": "v"})
+    response = await upsert(vector_stub, alice, name, [replacement])
+    assert response.upserted == 1
+    assert await _count(vector_stub, alice, name) == 20
+    got = await _get(vector_stub, alice, name, "item-3")
+    assert list(got.vector) == [1, 2, 3, 4]
+    assert got.text == "after" and got.url == "" and dict(got.metadata) == {"k": "v"}
+    assert got.content_id == "0191e8a2-0000-7000-8000-000000000000"
+    without = await _get(vector_stub, alice, name, "item-3", with_vector=False)
+    assert not without.vector and without.text == "after"
+
+
+async def test_the_last_of_repeated_ids_in_a_stream_wins(vector_stub, alice):
+    name = await create_collection(vector_stub, alice, 2)
+    batch = [vector_pb2.Item(id="same", vector=[float(i), 1.0], text=str(i)) for i in range(5)]
+    response = await upsert(vector_stub, alice, name, batch, per_message=2)
+    assert response.upserted == 5 and not response.errors
+    assert await _count(vector_stub, alice, name) == 1
+    assert (await _get(vector_stub, alice, name, "same")).text == "4"
+
+
+async def test_bad_items_are_reported_by_index_and_the_rest_kept(vector_stub, alice):
+    name = await create_collection(vector_stub, alice, 3, precision=vector_pb2.PRECISION_FLOAT16)
+    good = [1.0, 2.0, 3.0]
+    batch = [
+        vector_pb2.Item(id="ok-0", vector=good),
+        vector_pb2.Item(id="short", vector=[1.0, 2.0]),
+        vector_pb2.Item(id="nan", vector=[1.0, math.nan, 3.0]),
+        vector_pb2.Item(id="ok-1", vector=good),
+        vector_pb2.Item(id="inf", vector=[1.0, math.inf, 3.0]),
+        vector_pb2.Item(id="", vector=good),
+        vector_pb2.Item(id="x" * 257, vector=good),
+        vector_pb2.Item(id="huge", vector=[1e6, 0.0, 0.0]),
+        vector_pb2.Item(id="content", vector=good, content_id="not-a-uuid"),
+        vector_pb2.Item(id="nul", vector=good, text="a\x00b"),
+        vector_pb2.Item(id="ok-2", vector=good),
+    ]
+    response = await upsert(vector_stub, alice, name, batch, per_message=4)
+    assert response.received == 11 and response.upserted == 3
+    assert response.error_count == 8
+    assert [(e.index, e.field) for e in response.errors] == [
+        (1, "vector"),
+        (2, "vector"),
+        (4, "vector"),
+        (5, "id"),
+        (6, "id"),
+        (7, "vector"),
+        (8, "content_id"),
+        (9, "text"),
+    ]
+    assert all(e.reason for e in response.errors)
+    assert await _count(vector_stub, alice, name) == 3
+    assert (await _get(vector_stub, alice, name, "ok-2")).vector == good
+
+
+async def test_upsert_into_an_unknown_collection_is_not_found(vector_stub, alice):
+    details = await expect_rpc_error(upsert(vector_stub, alice, "nowhere", items(clustered(1, 4))))
+    assert details.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_upsert_with_a_bad_collection_name_is_invalid(vector_stub, alice):
+    details = await expect_rpc_error(upsert(vector_stub, alice, "No Such", items(clustered(1, 4))))
+    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.fields == ["collection"]
+
+
+async def test_get_of_an_unknown_item_is_not_found(vector_stub, alice):
+    name = await create_collection(vector_stub, alice, 4)
+    details = await expect_rpc_error(_get(vector_stub, alice, name, "missing"))
+    assert details.code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_delete_items_counts_what_existed(vector_stub, alice):
+    name = await create_collection(vector_stub, alice, 4)
+    await upsert(vector_stub, alice, name, items(clustered(5, 4)))
+    response = await vector_stub.DeleteItems(
+        vector_pb2.DeleteItemsRequest(collection=name, ids=["item-1", "item-2", "nope"]),
+        metadata=alice.metadata,
+    )
+    assert response.deleted == 2
+    assert await _count(vector_stub, alice, name) == 3
+    details = await expect_rpc_error(
+        vector_stub.DeleteItems(
+            vector_pb2.DeleteItemsRequest(collection=name, ids=[]), metadata=alice.metadata
+        )
+    )
+    assert details.fields == ["ids"]
+    details = await expect_rpc_error(
+        vector_stub.DeleteItems(
+            vector_pb2.DeleteItemsRequest(collection=name, ids=["ok", ""]), metadata=alice.metadata
+        )
+    )
+    assert details.fields == ["ids[1]"]
