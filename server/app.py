@@ -74,7 +74,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
         interceptors=[ObservatoryInterceptor(Authenticator(settings))],
         options=server_options(settings),
     )
-    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content), server)
+    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content, db), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
