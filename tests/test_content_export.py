@@ -1,7 +1,6 @@
 """ExportContent: each format is one valid file of exactly the filtered rows,
 read from one snapshot; a cancelled export frees its connection at once."""
 
-import asyncio
 import csv
 import io
 import json
@@ -17,7 +16,7 @@ import pytest_asyncio
 from observatory.v1 import content_pb2
 
 from server.app import App
-from tests.helpers import expect_rpc_error, ingest_requests, make_content
+from tests.helpers import expect_rpc_error, ingest_requests, make_content, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -213,15 +212,6 @@ async def test_rows_inserted_during_an_export_are_not_in_it(content_stub, alice,
     assert not ids & {row.id for row in added}
 
 
-async def _wait_until(predicate, timeout: float = 10.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
-
-
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
 async def test_cancelled_exports_leave_the_pool_whole(
     app: App, content_stub, alice, big_export, db, kind
@@ -240,7 +230,9 @@ async def test_cancelled_exports_leave_the_pool_whole(
         )
         return exporting == 0 and app.db.engine.pool.checkedout() == 0
 
-    assert await _wait_until(released), "a cancelled export kept its connection or its query"
+    assert await wait_until(released, timeout=10), (
+        "a cancelled export kept its connection or its query"
+    )
     data, _ = await export(content_stub, alice, format=FORMATS["csv"], columns=["id"])
     assert len(read_rows("csv", data)) == BIG_ROWS
 

@@ -10,9 +10,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
+from observatory.v1 import content_pb2
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    DateTime,
     Select,
     Text,
     case,
@@ -24,52 +26,30 @@ from sqlalchemy import (
     select,
     tuple_,
 )
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, aggregate_order_by
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.types import TypeEngine
 
 from server import errors
 from server.content.repository import ContentQuery, filter_conditions
 from server.db import Database
 from server.tables import content
 
-# Every Content field an export can hold, by kind (what each becomes per format).
-UUID_FIELDS = frozenset({"id", "owner_id", "author_id", "duplicate_of"})
-TIME_FIELDS = frozenset(
-    {"published_at", "collected_at", "create_time", "update_time", "delete_time"}
-)
-COUNT_FIELDS = frozenset({"views_count", "likes_count", "shares_count", "comments_count"})
-LIST_FIELDS = frozenset({"search_terms_matched"})
-JSON_FIELDS = frozenset({"raw_metadata"})
-EXPORT_FIELDS = (
-    "id",
-    "owner_id",
-    "platform",
-    "arena",
-    "platform_id",
-    "content_type",
-    "title",
-    "text_content",
-    "url",
-    "language",
-    "published_at",
-    "collected_at",
-    "author_platform_id",
-    "author_display_name",
-    "author_id",
-    "views_count",
-    "likes_count",
-    "shares_count",
-    "comments_count",
-    "search_terms_matched",
-    "raw_metadata",
-    "collection_run_id",
-    "content_hash",
-    "duplicate_of",
-    "create_time",
-    "update_time",
-    "delete_time",
-)
+# Every Content field an export can hold (all of them), in the message's order,
+# and the kinds of value that each format renders differently, by column type.
+EXPORT_FIELDS = tuple(field.name for field in content_pb2.Content.DESCRIPTOR.fields)
+
+
+def _fields_of_type(kind: type[TypeEngine[Any]]) -> frozenset[str]:
+    return frozenset(f for f in EXPORT_FIELDS if isinstance(content.c[f].type, kind))
+
+
+UUID_FIELDS = _fields_of_type(UUID)
+TIME_FIELDS = _fields_of_type(DateTime)
+COUNT_FIELDS = _fields_of_type(BigInteger)
+LIST_FIELDS = _fields_of_type(ARRAY)
+JSON_FIELDS = _fields_of_type(JSONB)
 # RFC 3339 in UTC with microseconds, for the text formats.
 _RFC3339 = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
 
