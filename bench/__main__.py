@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"platformdirs\..
 
 SUITES = {
     "content": "bench.run",
+    "exports": "bench.exports",
 }
 
 

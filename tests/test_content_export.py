@@ -212,7 +212,7 @@ async def test_rows_inserted_during_an_export_are_not_in_it(content_stub, alice,
     assert not ids & {row.id for row in added}
 
 
-@pytest.mark.parametrize("kind", ["csv", "parquet"])
+@pytest.mark.parametrize("kind", ["csv", "arrow"])
 async def test_cancelled_exports_leave_the_pool_whole(
     app: App, content_stub, alice, big_export, db, kind
 ):

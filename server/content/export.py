@@ -12,10 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import queue
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeAlias
 
 import pyarrow as pa
+import pyarrow.compute
+import pyarrow.csv
 import pyarrow.ipc
 import pyarrow.parquet
 from observatory.v1 import content_pb2
@@ -27,7 +32,6 @@ from server.content.report_repository import (
     LIST_FIELDS,
     TIME_FIELDS,
     ExportReader,
-    arrow_select,
     csv_select,
     ndjson_select,
     snapshot,
@@ -39,8 +43,9 @@ CHUNK_BYTES = 1 << 20
 # Chunks waiting for the client: the most an export holds in memory besides
 # the batch being built.
 QUEUE_CHUNKS = 2
-# Rows per Parquet row group / Arrow record batch.
+# Rows per Parquet row group (at least), and bytes of CSV per Arrow batch.
 ARROW_BATCH_ROWS = 16_384
+CSV_BLOCK_BYTES = 1 << 20
 
 Format: TypeAlias = content_pb2.ExportFormat.ValueType
 _FORMATS = frozenset(
@@ -102,9 +107,18 @@ class _Chunker:
         self._sent = False
 
     async def add(self, data: bytes | bytearray, rows: int) -> None:
+        """Adds `data`, in which `rows` rows end. COPY's pieces are small and go
+        into chunks whole; a larger piece (a Parquet row group) is cut into
+        CHUNK_BYTES slices, its rows counted in the last one."""
+        view = memoryview(data)
+        while len(view) > CHUNK_BYTES:
+            self._parts.append(bytes(view[:CHUNK_BYTES]))
+            self._size += CHUNK_BYTES
+            view = view[CHUNK_BYTES:]
+            await self._put()
         # A copy: asyncpg hands over a buffer of its own.
-        self._parts.append(bytes(data))
-        self._size += len(data)
+        self._parts.append(bytes(view))
+        self._size += len(view)
         self._rows += rows
         if self._size >= CHUNK_BYTES:
             await self._put()
@@ -120,27 +134,27 @@ class _Chunker:
         self._parts, self._size, self._rows, self._sent = [], 0, 0, True
 
 
+# Every byte but the quote and the newline, which are all _CsvRows looks at.
+_NOT_QUOTE_OR_NEWLINE = bytes(b for b in range(256) if b not in b'"\n')
+
+
 class _CsvRows:
     """Counts the CSV records that end in each piece of a COPY's output: a
-    newline ends a record unless it sits inside a quoted value, which an odd
-    number of quote characters since the record began tells."""
+    newline ends a record unless it sits inside a quoted value. Every quote
+    character toggles "inside" (an escaped quote is doubled, so toggles twice),
+    which lets bytes methods do the counting."""
 
     def __init__(self, header: bool) -> None:
         self._in_quotes = False
         self._skip = 1 if header else 0
 
     def ended_in(self, data: bytes) -> int:
-        if not self._in_quotes and b'"' not in data:
-            rows = data.count(b"\n")
-        else:
-            rows = 0
-            in_quotes = self._in_quotes
-            *complete, rest = data.split(b"\n")
-            for line in complete:
-                in_quotes ^= line.count(b'"') & 1 == 1
-                if not in_quotes:
-                    rows += 1
-            self._in_quotes = in_quotes ^ (rest.count(b'"') & 1 == 1)
+        marks = data.translate(None, _NOT_QUOTE_OR_NEWLINE).replace(b'""', b"")
+        # Pieces between quotes alternate outside / inside a quoted value.
+        pieces = marks.split(b'"')
+        inside = pieces[0 if self._in_quotes else 1 :: 2]
+        rows = marks.count(b"\n") - sum(piece.count(b"\n") for piece in inside)
+        self._in_quotes ^= len(pieces) % 2 == 0
         if self._skip and rows:
             rows -= 1
             self._skip = 0
@@ -252,31 +266,206 @@ class Export:
             await self._write_arrow(reader, chunker)
 
     async def _write_arrow(self, reader: ExportReader, chunker: _Chunker) -> None:
+        """PostgreSQL's CSV, parsed into typed Arrow batches by pyarrow's CSV
+        reader and written as Parquet or Arrow IPC, in a worker thread: the event
+        loop moves COPY's bytes in and the file's bytes out through two small
+        bounded queues, so neither side gets ahead of the other."""
+        job = _ArrowJob(self._fields, self._format)
+        worker = asyncio.create_task(asyncio.to_thread(job.run))
+        try:
+            copying = asyncio.create_task(
+                reader.copy_csv(csv_select(self._query, self._fields), job.feed, header=False)
+            )
+            copying.add_done_callback(lambda _: job.end_of_input())
+            while (item := await job.next_output()) is not None:
+                await chunker.add(*item)
+            await copying
+            await worker
+        finally:
+            job.stop()
+            if not copying.done():
+                copying.cancel()
+            await asyncio.gather(copying, worker, return_exceptions=True)
+
+
+_POLL_S = 0.002
+_PIPE_PIECES = 16
+
+
+class _ArrowJob:
+    """The thread side of an Arrow export: a blocking file for pyarrow's CSV
+    reader (fed by `feed` on the event loop) and an output queue of (bytes,
+    rows) read back by `next_output`. `stop` unblocks the thread for good."""
+
+    def __init__(self, fields: tuple[str, ...], fmt: Format) -> None:
+        self._fields = fields
+        self._format = fmt
+        self._input: queue.Queue[bytes | None] = queue.Queue(_PIPE_PIECES)
+        self._output: queue.Queue[tuple[bytes, int] | Exception | None] = queue.Queue(2)
+        self._pending = b""
+        self._stopped = threading.Event()
+        self.closed = False
+
+    # -- event loop side ------------------------------------------------------------
+
+    async def feed(self, data: bytes) -> None:
+        piece = bytes(data)
+        while not self._stopped.is_set():
+            try:
+                self._input.put_nowait(piece)
+                return
+            except queue.Full:
+                await asyncio.sleep(_POLL_S)
+
+    def end_of_input(self) -> None:
+        with contextlib.suppress(queue.Full):
+            self._input.put_nowait(None)
+        # A full queue: the thread reads on and `stop` or a later put ends it.
+        if self._input.full():
+            asyncio.get_running_loop().create_task(self.feed_end())
+
+    async def feed_end(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                self._input.put_nowait(None)
+                return
+            except queue.Full:
+                await asyncio.sleep(_POLL_S)
+
+    async def next_output(self) -> tuple[bytes, int] | None:
+        while True:
+            try:
+                item = self._output.get_nowait()
+            except queue.Empty:
+                await asyncio.sleep(_POLL_S)
+                continue
+            if isinstance(item, Exception):
+                raise item
+            return item
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with contextlib.suppress(queue.Full):
+            self._input.put_nowait(None)
+
+    # -- worker thread side -------------------------------------------------------------
+
+    def read(self, size: int = -1) -> bytes:
+        while not self._pending:
+            try:
+                piece = self._input.get(timeout=0.1)
+            except queue.Empty:
+                if self._stopped.is_set():
+                    raise _Stopped from None
+                continue
+            if piece is None:
+                return b""
+            self._pending = piece
+        if size < 0 or size >= len(self._pending):
+            out, self._pending = self._pending, b""
+        else:
+            out, self._pending = self._pending[:size], self._pending[size:]
+        return out
+
+    def _emit(self, item: tuple[bytes, int] | Exception | None) -> None:
+        while True:
+            if self._stopped.is_set():
+                raise _Stopped
+            try:
+                self._output.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            self._convert()
+        except _Stopped:
+            return
+        except Exception as exc:
+            self._emit(exc)
+            return
+        self._emit(None)
+
+    def _convert(self) -> None:
         schema = arrow_schema(self._fields)
+        as_read = pa.schema(
+            [pa.field(f.name, pa.string()) if pa.types.is_list(f.type) else f for f in schema]
+        )
+        # pyarrow refuses an empty CSV: with no rows the file holds the schema only.
+        self._pending = self.read()
+        csv = (
+            []
+            if not self._pending
+            else pyarrow.csv.open_csv(
+                pa.PythonFile(self, mode="r"),
+                read_options=pyarrow.csv.ReadOptions(
+                    column_names=list(self._fields), block_size=CSV_BLOCK_BYTES
+                ),
+                parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+                convert_options=pyarrow.csv.ConvertOptions(
+                    column_types=as_read,
+                    strings_can_be_null=True,
+                    quoted_strings_can_be_null=False,
+                    timestamp_parsers=[pyarrow.csv.ISO8601],
+                ),
+            )
+        )
         drain = _Drain()
         sink = pa.PythonFile(drain, mode="w")
-        writer: Any
-        if self._format == content_pb2.EXPORT_FORMAT_PARQUET:
-            writer = pyarrow.parquet.ParquetWriter(sink, schema, compression="snappy")
-        else:
-            writer = pyarrow.ipc.new_stream(sink, schema)
-        try:
-            async for rows in reader.batches(
-                arrow_select(self._query, self._fields), ARROW_BATCH_ROWS
-            ):
-                columns = zip(*rows, strict=True) if rows else ()
-                batch = pa.RecordBatch.from_arrays(
-                    [
-                        pa.array(values, type=field.type)
-                        for values, field in zip(columns, schema, strict=True)
-                    ],
-                    schema=schema,
-                )
-                if isinstance(writer, pyarrow.parquet.ParquetWriter):
-                    writer.write_batch(batch, row_group_size=len(rows))
-                else:
-                    writer.write_batch(batch)
-                await chunker.add(drain.take(), len(rows))
-        finally:
-            writer.close()
-        await chunker.add(drain.take(), 0)
+        parquet = self._format == content_pb2.EXPORT_FORMAT_PARQUET
+        writer: Any = (
+            pyarrow.parquet.ParquetWriter(sink, schema, compression="snappy")
+            if parquet
+            else pyarrow.ipc.new_stream(sink, schema)
+        )
+        group: list[pa.RecordBatch] = []
+        grouped = 0
+
+        def flush() -> None:
+            nonlocal group, grouped
+            if group:
+                writer.write_table(pa.Table.from_batches(group, schema), row_group_size=grouped)
+                self._emit((drain.take(), grouped))
+            group, grouped = [], 0
+
+        for batch in csv:
+            typed = pa.RecordBatch.from_arrays(
+                [
+                    _string_lists(column) if pa.types.is_list(field.type) else column
+                    for column, field in zip(batch.columns, schema, strict=True)
+                ],
+                schema=schema,
+            )
+            if not parquet:
+                writer.write_batch(typed)
+                self._emit((drain.take(), typed.num_rows))
+                continue
+            group.append(typed)
+            grouped += typed.num_rows
+            if grouped >= ARROW_BATCH_ROWS:
+                flush()
+        flush()
+        writer.close()
+        self._emit((drain.take(), 0))
+
+
+class _Stopped(Exception):
+    """The export ended on the event loop's side; the worker thread gives up."""
+
+
+_STRING_LIST = pa.list_(pa.string())
+
+
+def _string_lists(column: pa.Array) -> pa.Array:
+    """JSON arrays of strings (as PostgreSQL's array_to_json prints them) as
+    list<string>. Without a backslash nothing is escaped, so splitting on the
+    quotes is exact; otherwise each value goes through json."""
+    if pyarrow.compute.any(pyarrow.compute.match_substring(column, "\\")).as_py():
+        return pa.array(
+            [None if v is None else json.loads(v) for v in column.to_pylist()], _STRING_LIST
+        )
+    inner = pyarrow.compute.utf8_slice_codeunits(column, 2, -2)
+    lists = pyarrow.compute.split_pattern(inner, '","')
+    empty = pa.scalar([], type=_STRING_LIST)
+    return pyarrow.compute.if_else(pyarrow.compute.equal(column, "[]"), empty, lists)

@@ -20,13 +20,12 @@ from sqlalchemy import (
     case,
     cast,
     distinct,
-    extract,
     func,
     literal,
     select,
     tuple_,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, aggregate_order_by
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine
@@ -45,14 +44,10 @@ def _fields_of_type(kind: type[TypeEngine[Any]]) -> frozenset[str]:
     return frozenset(f for f in EXPORT_FIELDS if isinstance(content.c[f].type, kind))
 
 
-UUID_FIELDS = _fields_of_type(UUID)
 TIME_FIELDS = _fields_of_type(DateTime)
 COUNT_FIELDS = _fields_of_type(BigInteger)
 LIST_FIELDS = _fields_of_type(ARRAY)
 JSON_FIELDS = _fields_of_type(JSONB)
-# RFC 3339 in UTC with microseconds, for the text formats.
-_RFC3339 = 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'
-
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
@@ -64,30 +59,12 @@ def compile_for_driver(statement: Select[Any]) -> tuple[str, list[Any]]:
 
 
 def _text_value(field: str) -> ColumnElement[Any]:
-    """A field as CSV shows it: nested values as JSON, times as RFC 3339."""
+    """A field as CSV shows it: lists as JSON, the rest as PostgreSQL prints it
+    (timestamps in ISO 8601, in the export's UTC session)."""
     column = content.c[field]
-    if field in TIME_FIELDS:
-        return func.to_char(func.timezone("UTC", column), _RFC3339)
     if field in LIST_FIELDS:
-        return cast(func.to_json(column), Text)
+        return cast(func.array_to_json(column), Text)
     if field in JSON_FIELDS:
-        return cast(column, Text)
-    return column
-
-
-def _json_value(field: str) -> ColumnElement[Any]:
-    if field in TIME_FIELDS:
-        return func.to_char(func.timezone("UTC", content.c[field]), _RFC3339)
-    return content.c[field]
-
-
-def _arrow_value(field: str) -> ColumnElement[Any]:
-    """A field as the Arrow builder wants it: times as int64 microseconds since
-    the epoch and UUIDs as text (both cheaper to decode than Python objects)."""
-    column = content.c[field]
-    if field in TIME_FIELDS:
-        return cast(extract("epoch", column) * 1_000_000, BigInteger)
-    if field in UUID_FIELDS or field in JSON_FIELDS:
         return cast(column, Text)
     return column
 
@@ -98,15 +75,10 @@ def csv_select(q: ContentQuery, fields: Sequence[str]) -> Select[Any]:
 
 def ndjson_select(q: ContentQuery, fields: Sequence[str]) -> Select[Any]:
     """One column: each row as one line of JSON text (JSON escapes every control
-    character, so a line never holds a raw newline)."""
-    pairs: list[Any] = []
-    for field in fields:
-        pairs += [literal(field, Text), _json_value(field)]
-    return select(cast(func.json_build_object(*pairs), Text)).where(*filter_conditions(q))
-
-
-def arrow_select(q: ContentQuery, fields: Sequence[str]) -> Select[Any]:
-    return select(*(_arrow_value(f).label(f) for f in fields)).where(*filter_conditions(q))
+    character, so a line never holds a raw newline). row_to_json names the keys
+    after the columns and prints timestamps in ISO 8601."""
+    row = select(*(content.c[f] for f in fields)).where(*filter_conditions(q)).subquery("row")
+    return select(cast(func.row_to_json(row.table_valued()), Text))
 
 
 def count_select(q: ContentQuery) -> Select[Any]:
@@ -162,19 +134,6 @@ class ExportReader:
         await self._driver.copy_from_query(
             sql, *args, output=sink, format="csv", quote="\x01", delimiter="\x02"
         )
-
-    async def batches(self, statement: Select[Any], rows: int) -> AsyncIterator[list[Any]]:
-        """The rows of `statement` through a server-side cursor, `rows` at a
-        time; the next batch is fetched while the caller works on this one."""
-        sql, args = compile_for_driver(statement)
-        cursor = await self._driver.cursor(sql, *args)
-        batch = await cursor.fetch(rows)
-        while batch:
-            # asyncpg runs one statement at a time per connection, so the fetch
-            # of the next batch is simply started before this one is handed out.
-            following = cursor.fetch(rows)
-            yield batch
-            batch = await following
 
 
 # -- duplicates ------------------------------------------------------------------
