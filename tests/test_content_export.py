@@ -72,7 +72,13 @@ async def alices_rows(content_stub, alice, bob):
             likes_count=7,
             raw_metadata={"nested": {"k": NASTY}, "n": 1.5},
         ),
-        await create(content_stub, alice, text_content="plain", views_count=0),
+        await create(
+            content_stub,
+            alice,
+            text_content="plain",
+            views_count=0,
+            search_terms_matched=["x", "y z", "ø", ""],
+        ),
         await create(content_stub, alice, title="", text_content="", url="https://e.com/x"),
     ]
     await create(content_stub, alice, platform="reddit")
@@ -128,6 +134,11 @@ async def test_parquet_columns_are_typed(content_stub, alice, alices_rows):
     assert schema.field("published_at").type == pa.timestamp("us", tz="UTC")
     assert schema.field("search_terms_matched").type == pa.list_(pa.string())
     assert schema.field("raw_metadata").type == pa.string()
+    table = pyarrow.parquet.read_table(pa.BufferReader(data))
+    terms = {row["id"]: row["search_terms_matched"] for row in table.to_pylist()}
+    # alice's twitter rows, and her reddit row without terms
+    expected = [tuple(row.search_terms_matched) for row in alices_rows.values()] + [()]
+    assert sorted(map(tuple, terms.values())) == sorted(expected)
 
 
 @pytest.mark.parametrize("kind", FORMATS)

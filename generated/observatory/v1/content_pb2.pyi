@@ -33,16 +33,19 @@ class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFo
     """Not allowed: an export must name its format."""
     EXPORT_FORMAT_NDJSON: _ExportFormat.ValueType  # 1
     """One JSON object per line (UTF-8); keys are Content field names, timestamps
-    RFC 3339 strings in UTC, missing values null.
+    ISO 8601 strings in UTC ("2026-01-02T03:04:05.123456+00:00"), lists and
+    raw_metadata nested, missing values null.
     """
     EXPORT_FORMAT_CSV: _ExportFormat.ValueType  # 2
-    """RFC 4180 CSV (UTF-8) with a header row of Content field names; lists and
-    raw_metadata as JSON text, timestamps RFC 3339 in UTC, a missing value as
-    an empty unquoted field (an empty string is quoted: "").
+    """RFC 4180 CSV (UTF-8, LF line ends) with a header row of Content field
+    names; lists and raw_metadata as JSON text, timestamps ISO 8601 in UTC as
+    PostgreSQL prints them ("2026-01-02 03:04:05.123456+00"), a missing value
+    as an empty unquoted field (an empty string is quoted: "").
     """
     EXPORT_FORMAT_PARQUET: _ExportFormat.ValueType  # 3
-    """Apache Parquet with typed columns: string, int64, timestamp[us, UTC],
-    list<string>; raw_metadata as JSON text. Written in row groups.
+    """Apache Parquet (snappy) with typed columns: string (IDs too), int64,
+    timestamp[us, UTC], list<string>; raw_metadata as JSON text. Written in row
+    groups of at least 16,384 rows (the last one may be smaller).
     """
     EXPORT_FORMAT_ARROW_IPC: _ExportFormat.ValueType  # 4
     """Apache Arrow IPC stream format, the same columns and types as Parquet."""
@@ -54,16 +57,19 @@ EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
 """Not allowed: an export must name its format."""
 EXPORT_FORMAT_NDJSON: ExportFormat.ValueType  # 1
 """One JSON object per line (UTF-8); keys are Content field names, timestamps
-RFC 3339 strings in UTC, missing values null.
+ISO 8601 strings in UTC ("2026-01-02T03:04:05.123456+00:00"), lists and
+raw_metadata nested, missing values null.
 """
 EXPORT_FORMAT_CSV: ExportFormat.ValueType  # 2
-"""RFC 4180 CSV (UTF-8) with a header row of Content field names; lists and
-raw_metadata as JSON text, timestamps RFC 3339 in UTC, a missing value as
-an empty unquoted field (an empty string is quoted: "").
+"""RFC 4180 CSV (UTF-8, LF line ends) with a header row of Content field
+names; lists and raw_metadata as JSON text, timestamps ISO 8601 in UTC as
+PostgreSQL prints them ("2026-01-02 03:04:05.123456+00"), a missing value
+as an empty unquoted field (an empty string is quoted: "").
 """
 EXPORT_FORMAT_PARQUET: ExportFormat.ValueType  # 3
-"""Apache Parquet with typed columns: string, int64, timestamp[us, UTC],
-list<string>; raw_metadata as JSON text. Written in row groups.
+"""Apache Parquet (snappy) with typed columns: string (IDs too), int64,
+timestamp[us, UTC], list<string>; raw_metadata as JSON text. Written in row
+groups of at least 16,384 rows (the last one may be smaller).
 """
 EXPORT_FORMAT_ARROW_IPC: ExportFormat.ValueType  # 4
 """Apache Arrow IPC stream format, the same columns and types as Parquet."""
@@ -581,12 +587,14 @@ class ExportContentRequest(_message.Message):
     format: Global___ExportFormat.ValueType
     """Required."""
     include_metadata: _builtins.bool
-    """Adds raw_metadata to the exported fields when columns is empty. A column
-    list that names raw_metadata exports it regardless.
+    """Adds raw_metadata (after the other fields) unless columns already names
+    it; a column list that names raw_metadata exports it regardless.
     """
     @_builtins.property
     def filter(self) -> Global___ContentFilter:
-        """Which items to export (owner-scoped; soft-deleted ones only with show_deleted)."""
+        """Which items to export (owner-scoped; soft-deleted ones only with
+        show_deleted). Rows come in no particular order.
+        """
 
     @_builtins.property
     def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -624,8 +632,8 @@ class ExportChunk(_message.Message):
     data: _builtins.bytes
     """The next bytes of the file."""
     rows: _builtins.int
-    """Rows that end in this chunk (for Parquet and Arrow: rows of the row groups
-    or record batches it completes).
+    """Rows that end in this chunk (for Parquet and Arrow IPC: the rows of the
+    row groups or record batches whose last byte it holds).
     """
     rows_sent: _builtins.int
     """Rows sent so far, this chunk included."""
