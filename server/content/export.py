@@ -303,6 +303,8 @@ class _ArrowJob:
         self._input: queue.Queue[bytes | None] = queue.Queue(_PIPE_PIECES)
         self._output: queue.Queue[tuple[bytes, int] | Exception | None] = queue.Queue(2)
         self._pending = b""
+        self._ended = False
+        self._reading = threading.Lock()
         self._stopped = threading.Event()
         self.closed = False
 
@@ -351,7 +353,30 @@ class _ArrowJob:
     # -- worker thread side -------------------------------------------------------------
 
     def read(self, size: int = -1) -> bytes:
-        while not self._pending:
+        """Up to `size` bytes (at most CSV_BLOCK_BYTES: pyarrow may ask for
+        everything), fewer only at the end. pyarrow makes a batch of each read,
+        and COPY's pieces are small, so they are gathered into blocks."""
+        with self._reading:  # pyarrow reads from more than one thread
+            return self._read(CSV_BLOCK_BYTES if size < 0 else min(size, CSV_BLOCK_BYTES))
+
+    def _read(self, wanted: int) -> bytes:
+        parts: list[bytes] = []
+        while wanted > 0:
+            if not self._pending:
+                piece = self._next_piece()
+                if piece is None:
+                    break
+                self._pending = piece
+            taken = self._pending[:wanted]
+            self._pending = self._pending[len(taken) :]
+            parts.append(taken)
+            wanted -= len(taken)
+        return b"".join(parts)
+
+    def _next_piece(self) -> bytes | None:
+        if self._ended:
+            return None
+        while True:
             try:
                 piece = self._input.get(timeout=0.1)
             except queue.Empty:
@@ -359,13 +384,8 @@ class _ArrowJob:
                     raise _Stopped from None
                 continue
             if piece is None:
-                return b""
-            self._pending = piece
-        if size < 0 or size >= len(self._pending):
-            out, self._pending = self._pending, b""
-        else:
-            out, self._pending = self._pending[:size], self._pending[size:]
-        return out
+                self._ended = True
+            return piece
 
     def _emit(self, item: tuple[bytes, int] | Exception | None) -> None:
         while True:
@@ -393,7 +413,7 @@ class _ArrowJob:
             [pa.field(f.name, pa.string()) if pa.types.is_list(f.type) else f for f in schema]
         )
         # pyarrow refuses an empty CSV: with no rows the file holds the schema only.
-        self._pending = self.read()
+        self._pending = self._next_piece() or b""
         csv = (
             []
             if not self._pending
