@@ -272,11 +272,11 @@ class Export:
         bounded queues, so neither side gets ahead of the other."""
         job = _ArrowJob(self._fields, self._format)
         worker = asyncio.create_task(asyncio.to_thread(job.run))
+        copying = asyncio.create_task(
+            reader.copy_csv(csv_select(self._query, self._fields), job.feed, header=False)
+        )
+        copying.add_done_callback(lambda _: job.end_of_input())
         try:
-            copying = asyncio.create_task(
-                reader.copy_csv(csv_select(self._query, self._fields), job.feed, header=False)
-            )
-            copying.add_done_callback(lambda _: job.end_of_input())
             while (item := await job.next_output()) is not None:
                 await chunker.add(*item)
             await copying
@@ -306,12 +306,15 @@ class _ArrowJob:
         self._ended = False
         self._reading = threading.Lock()
         self._stopped = threading.Event()
+        self._ending: asyncio.Task[None] | None = None
         self.closed = False
 
     # -- event loop side ------------------------------------------------------------
 
-    async def feed(self, data: bytes) -> None:
-        piece = bytes(data)
+    async def feed(self, data: bytes | None) -> None:
+        """Queues a piece of COPY's output (None: the end), waiting while the
+        thread is behind."""
+        piece = None if data is None else bytes(data)
         while not self._stopped.is_set():
             try:
                 self._input.put_nowait(piece)
@@ -320,19 +323,10 @@ class _ArrowJob:
                 await asyncio.sleep(_POLL_S)
 
     def end_of_input(self) -> None:
-        with contextlib.suppress(queue.Full):
+        try:
             self._input.put_nowait(None)
-        # A full queue: the thread reads on and `stop` or a later put ends it.
-        if self._input.full():
-            asyncio.get_running_loop().create_task(self.feed_end())
-
-    async def feed_end(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._input.put_nowait(None)
-                return
-            except queue.Full:
-                await asyncio.sleep(_POLL_S)
+        except queue.Full:
+            self._ending = asyncio.get_running_loop().create_task(self.feed(None))
 
     async def next_output(self) -> tuple[bytes, int] | None:
         while True:
