@@ -121,6 +121,23 @@ class Child:
             self._log = None
 
 
+def server_child(
+    port: int, database_url: str, jwt_secret: str, log_path: Path, **settings: str
+) -> Child:
+    """The server under test (`python -m server`) on `port`; `settings` are
+    extra environment variables (OBSERVATORY_WORKERS=..., ...)."""
+    env = {
+        **os.environ,
+        "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
+        "DATABASE_URL": database_url,
+        "OBSERVATORY_JWT_SECRET": jwt_secret,
+        "OBSERVATORY_DATA_DIR": str(DATA_DIR),
+        "OBSERVATORY_SHUTDOWN_GRACE": "1",
+        **settings,
+    }
+    return Child("the server under test", [sys.executable, "-m", "server"], env, log_path)
+
+
 async def wait_serving(child: Child, port: int, limit_s: float = 90.0) -> None:
     """Waits until the gRPC health check of the server on `port` says SERVING."""
     deadline = time.monotonic() + limit_s

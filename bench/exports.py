@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import sys
 import threading
 import time
@@ -30,6 +29,7 @@ from bench.env import (
     free_port,
     load_average,
     machine_facts,
+    server_child,
     wait_serving,
 )
 from bench.report import Row, table, write_results
@@ -216,16 +216,7 @@ class ExportBench:
             )
 
     def server(self, port: int) -> Child:
-        env = {
-            **os.environ,
-            "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
-            "DATABASE_URL": self.url,
-            "OBSERVATORY_JWT_SECRET": SECRET,
-            "OBSERVATORY_DATA_DIR": str(DATA_DIR),
-            "OBSERVATORY_SHUTDOWN_GRACE": "1",
-        }
-        argv = [sys.executable, "-m", "server"]
-        return Child("the server under test", argv, env, DATA_DIR / "exports_server.log")
+        return server_child(port, self.url, SECRET, DATA_DIR / "exports_server.log")
 
     async def run(self) -> None:
         conn = await asyncpg.connect(self.url)

@@ -36,6 +36,7 @@ from bench.env import (
     load_average,
     machine_facts,
     postmaster_pid,
+    server_child,
     wait_serving,
 )
 from bench.report import Row, table, write_results
@@ -178,21 +179,13 @@ class Bench:
     # -- processes --------------------------------------------------------------
 
     def _server(self, port: int) -> Child:
-        env = {
-            **os.environ,
-            "OBSERVATORY_LISTEN": f"127.0.0.1:{port}",
-            "DATABASE_URL": self.url,
-            "OBSERVATORY_JWT_SECRET": SECRET,
-            "OBSERVATORY_DATA_DIR": str(DATA_DIR),
-            "OBSERVATORY_LOG_LEVEL": self.config.log_level,
-            "OBSERVATORY_WORKERS": str(self.config.workers),
-            "OBSERVATORY_SHUTDOWN_GRACE": "1",
-        }
-        return Child(
-            "the server under test",
-            [sys.executable, "-m", "server"],
-            env,
+        return server_child(
+            port,
+            self.url,
+            SECRET,
             DATA_DIR / "server.log",
+            OBSERVATORY_LOG_LEVEL=self.config.log_level,
+            OBSERVATORY_WORKERS=str(self.config.workers),
         )
 
     def _bare(self, port: int, get: Path, listing: Path) -> Child:
