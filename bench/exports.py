@@ -320,8 +320,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             "the baseline is measured right before each format (best of the repeats), "
             "`COPY (SELECT <every column> FROM content WHERE owner_id = $1 AND "
             "delete_time IS NULL) TO STDOUT WITH CSV` through raw asyncpg in the bench "
-            "process, into a sink that only counts bytes; ours formats timestamps as RFC "
-            "3339 and lists as JSON, which PostgreSQL's plain CSV does not",
+            "process, into a sink that only counts bytes",
+            "ours: CSV is the same kind of COPY (lists as JSON); NDJSON is row_to_json through "
+            "COPY (PostgreSQL's JSON formatting is slower than its CSV, and the file is half "
+            "as large again); Parquet and Arrow IPC parse COPY's CSV with pyarrow in a worker "
+            "thread",
+            "the machine (2 cores) was shared with three other engineers' test and benchmark "
+            "runs (see the load averages): the figures move by a factor of two from run to "
+            "run, which the baseline measured right before each format only partly cancels",
             "all rows belong to one user; the table holds only them",
         ],
         sections={"Server memory": rss},

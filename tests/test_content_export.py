@@ -16,7 +16,13 @@ import pytest_asyncio
 from observatory.v1 import content_pb2
 
 from server.app import App
-from tests.helpers import expect_rpc_error, ingest_requests, make_content, wait_until
+from tests.helpers import (
+    expect_rpc_error,
+    ingest_requests,
+    make_content,
+    timestamp,
+    wait_until,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -124,6 +130,61 @@ async def test_each_format_holds_exactly_the_filtered_rows(content_stub, alice, 
         assert nasty["search_terms_matched"] == ["a,b", 'c"d', "e\nf"]
         metadata = nasty["raw_metadata"]
     assert metadata == {"nested": {"k": NASTY}, "n": 1.5}
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+async def test_every_filter_field_narrows_the_export(content_stub, alice, kind):
+    run = f"run-{uuid.uuid4().hex}"
+    author = str(uuid.uuid4())
+    day = NOW - timedelta(days=2)
+    wanted = await create(
+        content_stub,
+        alice,
+        arena="news",
+        language="da",
+        author_id=author,
+        collection_run_id=run,
+        search_terms_matched=["valg"],
+        text_content="kommunalvalg i dag",
+        published_at=day,
+    )
+    for other in (
+        {"arena": "sport"},
+        {"language": "en"},
+        {"search_terms_matched": ["other"]},
+        {"text_content": "nothing relevant"},
+        {"published_at": day - timedelta(days=1)},
+    ):
+        fields = {
+            "arena": "news",
+            "language": "da",
+            "author_id": author,
+            "collection_run_id": run,
+            "search_terms_matched": ["valg"],
+            "text_content": "kommunalvalg i dag",
+            "published_at": day,
+            **other,
+        }
+        await create(content_stub, alice, **fields)
+    data, chunks = await export(
+        content_stub,
+        alice,
+        format=FORMATS[kind],
+        columns=["id"],
+        filter=content_pb2.ContentFilter(
+            platforms=["twitter"],
+            arenas=["news"],
+            languages=["da"],
+            author_ids=[author],
+            collection_run_id=run,
+            search_term="valg",
+            query="kommunalvalg",
+            published_after=timestamp(day - timedelta(hours=1)),
+            published_before=timestamp(day + timedelta(hours=1)),
+        ),
+    )
+    assert [row["id"] for row in read_rows(kind, data)] == [wanted.id]
+    assert chunks[0].rows_total == 1
 
 
 async def test_parquet_columns_are_typed(content_stub, alice, alices_rows):

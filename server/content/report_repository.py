@@ -88,12 +88,13 @@ def count_select(q: ContentQuery) -> Select[Any]:
 @asynccontextmanager
 async def snapshot(db: Database) -> AsyncIterator[asyncpg.Connection]:
     """A driver connection inside one REPEATABLE READ READ ONLY transaction (in
-    UTC), committed when the block succeeds. On any other exit the connection
+    UTC, ISO dates), committed when the block succeeds. On any other exit the connection
     is discarded by `Database.lookup`, which ends its transaction, COPY or
     cursor on the server at once."""
     async with db.lookup() as driver:
         await driver.execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL TimeZone = 'UTC'"
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
+            "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'"
         )
         try:
             yield driver
