@@ -101,7 +101,7 @@ class _Chunker:
 
     def __init__(self, queue: asyncio.Queue[Any]) -> None:
         self._queue = queue
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | bytearray] = []
         self._size = 0
         self._rows = 0
         self._sent = False
@@ -116,8 +116,8 @@ class _Chunker:
             self._size += CHUNK_BYTES
             view = view[CHUNK_BYTES:]
             await self._put()
-        # A copy: asyncpg hands over a buffer of its own.
-        self._parts.append(bytes(view))
+        # asyncpg hands each COPY piece over in a new bytearray: kept as it is.
+        self._parts.append(data if len(view) == len(data) else bytes(view))
         self._size += len(view)
         self._rows += rows
         if self._size >= CHUNK_BYTES:
@@ -129,7 +129,7 @@ class _Chunker:
             await self._put()
 
     async def _put(self) -> None:
-        data = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
+        data = b"".join(self._parts)
         await self._queue.put((data, self._rows))
         self._parts, self._size, self._rows, self._sent = [], 0, 0, True
 
@@ -300,9 +300,9 @@ class _ArrowJob:
     def __init__(self, fields: tuple[str, ...], fmt: Format) -> None:
         self._fields = fields
         self._format = fmt
-        self._input: queue.Queue[bytes | None] = queue.Queue(_PIPE_PIECES)
+        self._input: queue.Queue[bytes | bytearray | None] = queue.Queue(_PIPE_PIECES)
         self._output: queue.Queue[tuple[bytes, int] | Exception | None] = queue.Queue(2)
-        self._pending = b""
+        self._pending: bytes | bytearray = b""
         self._ended = False
         self._reading = threading.Lock()
         self._stopped = threading.Event()
@@ -311,10 +311,10 @@ class _ArrowJob:
 
     # -- event loop side ------------------------------------------------------------
 
-    async def feed(self, data: bytes | None) -> None:
+    async def feed(self, data: bytes | bytearray | None) -> None:
         """Queues a piece of COPY's output (None: the end), waiting while the
         thread is behind."""
-        piece = None if data is None else bytes(data)
+        piece = data  # a new bytearray from asyncpg, or None
         while not self._stopped.is_set():
             try:
                 self._input.put_nowait(piece)
@@ -354,7 +354,7 @@ class _ArrowJob:
             return self._read(CSV_BLOCK_BYTES if size < 0 else min(size, CSV_BLOCK_BYTES))
 
     def _read(self, wanted: int) -> bytes:
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         while wanted > 0:
             if not self._pending:
                 piece = self._next_piece()
@@ -367,7 +367,7 @@ class _ArrowJob:
             wanted -= len(taken)
         return b"".join(parts)
 
-    def _next_piece(self) -> bytes | None:
+    def _next_piece(self) -> bytes | bytearray | None:
         if self._ended:
             return None
         while True:
