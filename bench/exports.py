@@ -27,16 +27,15 @@ from bench.env import (
     Child,
     code_version,
     free_port,
+    fresh_database,
     load_average,
     machine_facts,
     server_child,
     wait_serving,
 )
 from bench.report import Row, table, write_results
-from server import migrate
 from server.auth import issue_token
 from server.content.convert import INSERT_COLUMNS
-from server.embedded import EmbeddedPostgres
 from server.tables import content
 
 SUITE = "exports"
@@ -280,17 +279,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_args(argv)
     started = datetime.now(UTC)
     load_before = load_average()
-    embedded = EmbeddedPostgres(DATA_DIR)
-    embedded.start()
-    try:
-        url = embedded.ensure_database(DATABASE, fresh=True)
-        say(f"database {DATABASE} in {DATA_DIR}: migrating")
-        migrate.upgrade(url)
+    # A million rows take a gigabyte or two: the database goes when the run ends.
+    with fresh_database(DATABASE, keep=False) as url:
         bench = ExportBench(config, url)
         asyncio.run(bench.run())
-        embedded.drop_database(DATABASE)
-    finally:
-        embedded.stop()
     rows = bench.rows()
     rss = bench.rss_table()
     print(table(rows))
