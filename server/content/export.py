@@ -271,7 +271,10 @@ class Export:
         loop moves COPY's bytes in and the file's bytes out through two small
         bounded queues, so neither side gets ahead of the other."""
         job = _ArrowJob(self._fields, self._format)
-        worker = asyncio.create_task(asyncio.to_thread(job.run))
+        # A thread of its own, not the loop's default executor: that one is
+        # small and also resolves host names for new database connections.
+        worker = threading.Thread(target=job.run, name="export-arrow", daemon=True)
+        worker.start()
         copying = asyncio.create_task(
             reader.copy_csv(csv_select(self._query, self._fields), job.feed, header=False)
         )
@@ -280,12 +283,13 @@ class Export:
             while (item := await job.next_output()) is not None:
                 await chunker.add(*item)
             await copying
-            await worker
         finally:
+            # The thread gives up within 0.1 s once stopped (it finished if the
+            # output ended).
             job.stop()
             if not copying.done():
                 copying.cancel()
-            await asyncio.gather(copying, worker, return_exceptions=True)
+            await asyncio.gather(copying, return_exceptions=True)
 
 
 _POLL_S = 0.002
