@@ -21,6 +21,7 @@ SUITES = {
     "actors": "bench.actors",
     "credits": "bench.credits",
     "vectors": "bench.vectors",
+    "exports": "bench.exports",
 }
 
 

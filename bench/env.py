@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -121,6 +121,30 @@ class Child:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+@contextlib.contextmanager
+def fresh_database(name: str, *, keep: bool = True) -> Iterator[str]:
+    """The URL of a fresh, migrated database `name` on the bench's embedded
+    PostgreSQL (started, or joined when running), stopped (let go) after the
+    block; dropped after it too unless `keep`."""
+    from server import migrate
+    from server.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(DATA_DIR)
+    embedded.start()
+    try:
+        url = embedded.ensure_database(name, fresh=True)
+        print(
+            f"[{time.strftime('%H:%M:%S')}] database {name} in {DATA_DIR}: migrating",
+            file=sys.stderr,
+        )
+        migrate.upgrade(url)
+        yield url
+        if not keep:
+            embedded.drop_database(name)
+    finally:
+        embedded.stop()
 
 
 def access_log_statuses(server: Child, since: int, method: str) -> collections.Counter[str]:

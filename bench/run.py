@@ -31,6 +31,7 @@ from bench.env import (
     code_version,
     ensure_h2load,
     free_port,
+    fresh_database,
     h2load_version,
     load_average,
     machine_facts,
@@ -40,10 +41,8 @@ from bench.env import (
     wait_serving,
 )
 from bench.report import Row, table, write_results
-from server import migrate
 from server.auth import issue_token
 from server.content.convert import INSERT_COLUMNS
-from server.embedded import EmbeddedPostgres
 from server.settings import Settings
 from server.tables import content
 
@@ -587,16 +586,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = datetime.now(UTC)
     load_before = load_average()
     say(f"{'quick' if config.quick else 'full'} run; load average {load_before}")
-    embedded = EmbeddedPostgres(DATA_DIR)
-    embedded.start()
-    try:
-        url = embedded.ensure_database(DATABASE, fresh=True)
-        say(f"database {DATABASE} in {DATA_DIR}: migrating")
-        migrate.upgrade(url)
+    with fresh_database(DATABASE) as url:
         bench = Bench(config, url, h2load)
         results = asyncio.run(bench.run())
-    finally:
-        embedded.stop()
     rows = bench.table_rows()
     elapsed = (datetime.now(UTC) - started).total_seconds()
     run = {

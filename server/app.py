@@ -96,7 +96,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
         interceptors=[ObservatoryInterceptor(Authenticator(settings))],
         options=server_options(settings),
     )
-    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content), server)
+    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content, db), server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
     actor_pb2_grpc.add_ActorServiceServicer_to_server(ActorServicer(ActorService(db)), server)
     credits = CreditService(db)

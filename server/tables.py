@@ -77,6 +77,9 @@ content = Table(
     Column("collection_run_id", Text),
     Column("content_hash", String(64)),
     Column("duplicate_of", UUID(as_uuid=True)),
+    # server.urls.normalize_url(url), kept by every write of url: FindDuplicates
+    # groups on it.
+    Column("url_normalized", Text),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("delete_time", DateTime(timezone=True)),
@@ -108,6 +111,12 @@ Index(
     postgresql_where=content.c.collection_run_id.isnot(None),
 )
 Index("ix_content_hash", content.c.owner_id, content.c.content_hash)
+Index(
+    "ix_content_url_normalized",
+    content.c.owner_id,
+    content.c.url_normalized,
+    postgresql_where=content.c.url_normalized.isnot(None),
+)
 Index("ix_content_search_terms", content.c.search_terms_matched, postgresql_using="gin")
 Index(
     "ix_content_raw_metadata",

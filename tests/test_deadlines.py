@@ -11,7 +11,7 @@ import pytest_asyncio
 from observatory.v1 import content_pb2
 
 from server.app import App
-from tests.helpers import make_content
+from tests.helpers import make_content, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -21,15 +21,6 @@ async def _blocked_update_statements(db: asyncpg.Connection) -> int:
         "SELECT count(*) FROM pg_stat_activity "
         "WHERE application_name = 'observatory' AND wait_event_type = 'Lock' AND state = 'active'"
     )
-
-
-async def _wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        if await predicate():
-            return True
-        await asyncio.sleep(0.05)
-    return False
 
 
 @pytest_asyncio.fixture
@@ -61,7 +52,7 @@ async def test_deadline_cancels_the_running_statement(
     async def blocked() -> bool:
         return await _blocked_update_statements(db) == 1
 
-    assert await _wait_until(blocked, timeout=1.4), "the update never reached the lock"
+    assert await wait_until(blocked, timeout=1.4), "the update never reached the lock"
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -69,7 +60,7 @@ async def test_deadline_cancels_the_running_statement(
     async def released() -> bool:
         return await _blocked_update_statements(db) == 0 and app.db.engine.pool.checkedout() == 0
 
-    assert await _wait_until(released), (
+    assert await wait_until(released), (
         "the blocked statement kept running or its connection stayed checked out"
     )
 
@@ -87,7 +78,7 @@ async def test_client_cancellation_cancels_the_running_statement(
     async def blocked() -> bool:
         return await _blocked_update_statements(db) == 1
 
-    assert await _wait_until(blocked), "the update never reached the lock"
+    assert await wait_until(blocked), "the update never reached the lock"
     call.cancel()
     with pytest.raises(asyncio.CancelledError):
         await call
@@ -95,7 +86,7 @@ async def test_client_cancellation_cancels_the_running_statement(
     async def released() -> bool:
         return await _blocked_update_statements(db) == 0 and app.db.engine.pool.checkedout() == 0
 
-    assert await _wait_until(released), (
+    assert await wait_until(released), (
         "the cancelled statement kept running or its connection stayed checked out"
     )
 
@@ -120,5 +111,5 @@ async def test_cancelled_ingest_stream_stores_nothing_and_frees_its_connection(
     async def released() -> bool:
         return app.db.engine.pool.checkedout() == 0
 
-    assert await _wait_until(released)
+    assert await wait_until(released)
     assert await db.fetchval("SELECT count(*) FROM content WHERE owner_id = $1", alice.user_id) == 0

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from server import migrate
 from server.db import normalize_database_url
 from server.schema import metadata
+from server.urls import normalize_url
 
 pytestmark = pytest.mark.asyncio
 CREDIT_TABLES = (
@@ -146,3 +147,31 @@ async def test_actors_downgrade_keeps_a_pg_trgm_it_did_not_create(scratch_url):
 
     assert await _has_extension(scratch_url, "pg_trgm")
     assert "actors" not in await _tables(scratch_url)
+
+
+async def test_duplicates_migration_fills_url_normalized_for_existing_rows(scratch_url):
+    await asyncio.to_thread(migrate.upgrade, scratch_url, "0001")
+    conn = await asyncpg.connect(scratch_url)
+    try:
+        urls = ["https://www.Example.com/a/?utm_source=x&b=1", None, "http://example.com/a?b=1"]
+        for i, url in enumerate(urls):
+            await conn.execute(
+                "INSERT INTO content (owner_id, platform, title, url, published_at) "
+                "VALUES ($1, 'test', $2, $3, now())",
+                uuid.uuid4(),
+                f"row {i}",
+                url,
+            )
+        await asyncio.to_thread(migrate.upgrade, scratch_url, "0005")
+        rows = await conn.fetch("SELECT url, url_normalized FROM content ORDER BY title")
+        assert [row["url_normalized"] for row in rows] == [normalize_url(url) for url in urls]
+        await asyncio.to_thread(migrate.downgrade, scratch_url, "0001")
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM information_schema.columns "
+                "WHERE table_name = 'content' AND column_name = 'url_normalized'"
+            )
+            == 0
+        )
+    finally:
+        await conn.close()

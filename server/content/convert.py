@@ -22,6 +22,7 @@ from server.protoconv import (
     struct_to_dict,
     timestamp_field,
 )
+from server.urls import normalize_url
 
 TEXT_FIELDS = (
     "platform",
@@ -56,6 +57,7 @@ INSERT_COLUMNS = (
     "search_terms_matched",
     "raw_metadata",
     "content_hash",
+    "url_normalized",
 )
 MAX_TEXT = 1_000_000
 # Fields in B-tree or GIN indexes, in UTF-8 bytes. PostgreSQL refuses an index
@@ -172,6 +174,7 @@ def new_content_values(message: content_pb2.Content, owner_id: uuid.UUID) -> dic
     check_complete(values)
     values["owner_id"] = owner_id
     values["content_hash"] = content_hash(values["title"], values["text_content"])
+    values["url_normalized"] = normalize_url(values["url"])
     return values
 
 

@@ -21,6 +21,7 @@ from server.content.repository import ContentQuery, ContentRepository, lookup_co
 from server.db import Database
 from server.protoconv import parse_uuid, timestamp_field
 from server.tables import CONTENT_NATURAL_KEY
+from server.urls import normalize_url
 
 INGEST_BATCH_ROWS = 5000
 
@@ -155,6 +156,8 @@ class ContentService:
                 changes["content_hash"] = convert.content_hash(
                     merged["title"], merged["text_content"]
                 )
+            if "url" in fields:
+                changes["url_normalized"] = normalize_url(merged["url"])
             if fields & set(CONTENT_NATURAL_KEY) and await repo.natural_key_taken(
                 merged, content_id
             ):

@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from observatory.v1 import common_pb2 as _common_pb2
 import builtins as _builtins
 import sys
@@ -21,6 +22,58 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ExportFormat:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFormat.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    EXPORT_FORMAT_UNSPECIFIED: _ExportFormat.ValueType  # 0
+    """Not allowed: an export must name its format."""
+    EXPORT_FORMAT_NDJSON: _ExportFormat.ValueType  # 1
+    """One JSON object per line (UTF-8); keys are Content field names, timestamps
+    ISO 8601 strings in UTC ("2026-01-02T03:04:05.123456+00:00"), lists and
+    raw_metadata nested, missing values null.
+    """
+    EXPORT_FORMAT_CSV: _ExportFormat.ValueType  # 2
+    """RFC 4180 CSV (UTF-8, LF line ends) with a header row of Content field
+    names; lists and raw_metadata as JSON text, timestamps ISO 8601 in UTC as
+    PostgreSQL prints them ("2026-01-02 03:04:05.123456+00"), a missing value
+    as an empty unquoted field (an empty string is quoted: "").
+    """
+    EXPORT_FORMAT_PARQUET: _ExportFormat.ValueType  # 3
+    """Apache Parquet (snappy) with typed columns: string (IDs too), int64,
+    timestamp[us, UTC], list<string>; raw_metadata as JSON text. Written in row
+    groups of at least 16,384 rows (the last one may be smaller).
+    """
+    EXPORT_FORMAT_ARROW_IPC: _ExportFormat.ValueType  # 4
+    """Apache Arrow IPC stream format, the same columns and types as Parquet."""
+
+class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
+    """The file format of an export."""
+
+EXPORT_FORMAT_UNSPECIFIED: ExportFormat.ValueType  # 0
+"""Not allowed: an export must name its format."""
+EXPORT_FORMAT_NDJSON: ExportFormat.ValueType  # 1
+"""One JSON object per line (UTF-8); keys are Content field names, timestamps
+ISO 8601 strings in UTC ("2026-01-02T03:04:05.123456+00:00"), lists and
+raw_metadata nested, missing values null.
+"""
+EXPORT_FORMAT_CSV: ExportFormat.ValueType  # 2
+"""RFC 4180 CSV (UTF-8, LF line ends) with a header row of Content field
+names; lists and raw_metadata as JSON text, timestamps ISO 8601 in UTC as
+PostgreSQL prints them ("2026-01-02 03:04:05.123456+00"), a missing value
+as an empty unquoted field (an empty string is quoted: "").
+"""
+EXPORT_FORMAT_PARQUET: ExportFormat.ValueType  # 3
+"""Apache Parquet (snappy) with typed columns: string (IDs too), int64,
+timestamp[us, UTC], list<string>; raw_metadata as JSON text. Written in row
+groups of at least 16,384 rows (the last one may be smaller).
+"""
+EXPORT_FORMAT_ARROW_IPC: ExportFormat.ValueType  # 4
+"""Apache Arrow IPC stream format, the same columns and types as Parquet."""
+Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final
 class Content(_message.Message):
@@ -161,7 +214,7 @@ Global___Content: _TypeAlias = Content  # noqa: Y015
 
 @_typing.final
 class ContentFilter(_message.Message):
-    """Narrows List, Search (and later Export and Stats). Repeated fields match
+    """Narrows List, Search, Export, FindDuplicates and GetContentStats. Repeated fields match
     any of their values; different fields must all match.
     """
 
@@ -522,3 +575,439 @@ class IngestContentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngestContentResponse: _TypeAlias = IngestContentResponse  # noqa: Y015
+
+@_typing.final
+class ExportContentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    COLUMNS_FIELD_NUMBER: _builtins.int
+    INCLUDE_METADATA_FIELD_NUMBER: _builtins.int
+    format: Global___ExportFormat.ValueType
+    """Required."""
+    include_metadata: _builtins.bool
+    """Adds raw_metadata (after the other fields) unless columns already names
+    it; a column list that names raw_metadata exports it regardless.
+    """
+    @_builtins.property
+    def filter(self) -> Global___ContentFilter:
+        """Which items to export (owner-scoped; soft-deleted ones only with
+        show_deleted). Rows come in no particular order.
+        """
+
+    @_builtins.property
+    def columns(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Content field names to export, in this order; empty means every field
+        (raw_metadata only with include_metadata). An unknown or repeated name is
+        INVALID_ARGUMENT naming columns[i].
+        """
+
+    def __init__(
+        self,
+        *,
+        filter: Global___ContentFilter | None = ...,
+        format: Global___ExportFormat.ValueType = ...,
+        columns: _abc.Iterable[_builtins.str] | None = ...,
+        include_metadata: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["columns", b"columns", "filter", b"filter", "format", b"format", "include_metadata", b"include_metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportContentRequest: _TypeAlias = ExportContentRequest  # noqa: Y015
+
+@_typing.final
+class ExportChunk(_message.Message):
+    """A piece of the exported file, about 1 MiB (the last one may be smaller)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    ROWS_SENT_FIELD_NUMBER: _builtins.int
+    ROWS_TOTAL_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    """The next bytes of the file."""
+    rows: _builtins.int
+    """Rows that end in this chunk (for Parquet and Arrow IPC: the rows of the
+    row groups or record batches whose last byte it holds).
+    """
+    rows_sent: _builtins.int
+    """Rows sent so far, this chunk included."""
+    rows_total: _builtins.int
+    """Rows the whole export holds (counted in the export's snapshot); the same in
+    every chunk, the first one included.
+    """
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        rows: _builtins.int = ...,
+        rows_sent: _builtins.int = ...,
+        rows_total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "rows", b"rows", "rows_sent", b"rows_sent", "rows_total", b"rows_total"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportChunk: _TypeAlias = ExportChunk  # noqa: Y015
+
+@_typing.final
+class FindDuplicatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def filter(self) -> Global___ContentFilter:
+        """Which items to look at (owner-scoped). Groups never cross owners."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___ContentFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindDuplicatesRequest: _TypeAlias = FindDuplicatesRequest  # noqa: Y015
+
+@_typing.final
+class DuplicateGroup(_message.Message):
+    """Items that look like one item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    CONTENT_IDS_FIELD_NUMBER: _builtins.int
+    CANONICAL_ID_FIELD_NUMBER: _builtins.int
+    kind: _common_pb2.DuplicateKind.ValueType
+    """DUPLICATE_KIND_URL or DUPLICATE_KIND_HASH."""
+    key: _builtins.str
+    """The normalised URL (URL groups) or the content_hash (hash groups)."""
+    canonical_id: _builtins.str
+    """The item to keep: the earliest published, ties broken by the earliest
+    collected_at (unset last), then by the smallest id.
+    """
+    @_builtins.property
+    def content_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every item of the group (at least two), canonical first, then in the
+        canonical order (earliest published_at, then earliest collected_at, then id).
+        """
+
+    def __init__(
+        self,
+        *,
+        kind: _common_pb2.DuplicateKind.ValueType = ...,
+        key: _builtins.str = ...,
+        content_ids: _abc.Iterable[_builtins.str] | None = ...,
+        canonical_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical_id", b"canonical_id", "content_ids", b"content_ids", "key", b"key", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DuplicateGroup: _TypeAlias = DuplicateGroup  # noqa: Y015
+
+@_typing.final
+class FindDuplicatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GROUPS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___DuplicateGroup]:
+        """URL groups first, then hash groups; within a kind the largest groups
+        first, ties by key. At most 10,000 groups of each kind.
+        """
+
+    def __init__(
+        self,
+        *,
+        groups: _abc.Iterable[Global___DuplicateGroup] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["groups", b"groups"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FindDuplicatesResponse: _TypeAlias = FindDuplicatesResponse  # noqa: Y015
+
+@_typing.final
+class MarkDuplicatesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANONICAL_ID_FIELD_NUMBER: _builtins.int
+    DUPLICATE_IDS_FIELD_NUMBER: _builtins.int
+    canonical_id: _builtins.str
+    """UUID of the item to keep. It must not itself be marked as a duplicate."""
+    @_builtins.property
+    def duplicate_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """UUIDs of the items that duplicate it (1..10,000, none equal to
+        canonical_id); all must belong to the canonical item's owner.
+        """
+
+    def __init__(
+        self,
+        *,
+        canonical_id: _builtins.str = ...,
+        duplicate_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canonical_id", b"canonical_id", "duplicate_ids", b"duplicate_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkDuplicatesRequest: _TypeAlias = MarkDuplicatesRequest  # noqa: Y015
+
+@_typing.final
+class MarkDuplicatesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATED_FIELD_NUMBER: _builtins.int
+    updated: _builtins.int
+    """Items whose duplicate_of changed (already-marked ones are not counted)."""
+    def __init__(
+        self,
+        *,
+        updated: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["updated", b"updated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MarkDuplicatesResponse: _TypeAlias = MarkDuplicatesResponse  # noqa: Y015
+
+@_typing.final
+class GetContentStatsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILTER_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    TOP_N_FIELD_NUMBER: _builtins.int
+    granularity: _builtins.str
+    """"day", "week" (ISO weeks, from Monday) or "month", in UTC; empty means "day"."""
+    top_n: _builtins.int
+    """How many top actors and top terms to return: 0 means 10, at most 100."""
+    @_builtins.property
+    def filter(self) -> Global___ContentFilter:
+        """Which items to count (owner-scoped)."""
+
+    def __init__(
+        self,
+        *,
+        filter: Global___ContentFilter | None = ...,
+        granularity: _builtins.str = ...,
+        top_n: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "granularity", b"granularity", "top_n", b"top_n"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContentStatsRequest: _TypeAlias = GetContentStatsRequest  # noqa: Y015
+
+@_typing.final
+class VolumeBucket(_message.Message):
+    """Items published in one period."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ByArenaEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PERIOD_START_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    BY_ARENA_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """Items published in the period."""
+    @_builtins.property
+    def period_start(self) -> _timestamp_pb2.Timestamp:
+        """Start of the period (UTC midnight of its first day)."""
+
+    @_builtins.property
+    def by_arena(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """The same count by arena; items without an arena are under ""."""
+
+    def __init__(
+        self,
+        *,
+        period_start: _timestamp_pb2.Timestamp | None = ...,
+        count: _builtins.int = ...,
+        by_arena: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_start", b"period_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["by_arena", b"by_arena", "count", b"count", "period_start", b"period_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VolumeBucket: _TypeAlias = VolumeBucket  # noqa: Y015
+
+@_typing.final
+class ActorCount(_message.Message):
+    """An author and how many of the items they wrote."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHOR_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    AUTHOR_PLATFORM_ID_FIELD_NUMBER: _builtins.int
+    AUTHOR_DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    author_id: _builtins.str
+    """The linked Actor ID; empty for items not linked to an actor."""
+    platform: _builtins.str
+    """For unlinked items: the author's platform and account ID, which then
+    identify the author. Empty for linked ones.
+    """
+    author_platform_id: _builtins.str
+    author_display_name: _builtins.str
+    """A display name seen on the author's items (the greatest one), or empty."""
+    count: _builtins.int
+    """Items by this author."""
+    def __init__(
+        self,
+        *,
+        author_id: _builtins.str = ...,
+        platform: _builtins.str = ...,
+        author_platform_id: _builtins.str = ...,
+        author_display_name: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["author_display_name", b"author_display_name", "author_id", b"author_id", "author_platform_id", b"author_platform_id", "count", b"count", "platform", b"platform"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActorCount: _TypeAlias = ActorCount  # noqa: Y015
+
+@_typing.final
+class TermCount(_message.Message):
+    """A search term and how many items matched it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TERM_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    term: _builtins.str
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        term: _builtins.str = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TermCount: _TypeAlias = TermCount  # noqa: Y015
+
+@_typing.final
+class Engagement(_message.Message):
+    """Engagement per item: likes + shares + comments, a missing count as 0."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEDIAN_FIELD_NUMBER: _builtins.int
+    P95_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    median: _builtins.float
+    """0 when there are no items."""
+    p95: _builtins.float
+    """95th percentile (continuous); 0 when there are no items."""
+    mean: _builtins.float
+    """0 when there are no items."""
+    def __init__(
+        self,
+        *,
+        median: _builtins.float = ...,
+        p95: _builtins.float = ...,
+        mean: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean", b"mean", "median", b"median", "p95", b"p95"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Engagement: _TypeAlias = Engagement  # noqa: Y015
+
+@_typing.final
+class GetContentStatsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VOLUME_FIELD_NUMBER: _builtins.int
+    TOP_ACTORS_FIELD_NUMBER: _builtins.int
+    TOP_TERMS_FIELD_NUMBER: _builtins.int
+    ENGAGEMENT_FIELD_NUMBER: _builtins.int
+    TOTAL_FIELD_NUMBER: _builtins.int
+    total: _builtins.int
+    """Items matching the filter."""
+    @_builtins.property
+    def volume(self) -> _containers.RepeatedCompositeFieldContainer[Global___VolumeBucket]:
+        """One bucket per period holding items, oldest first (empty periods left out)."""
+
+    @_builtins.property
+    def top_actors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ActorCount]:
+        """Authors with the most items, most first, ties by author. Items with neither
+        an author_id nor an author_platform_id are not counted here.
+        """
+
+    @_builtins.property
+    def top_terms(self) -> _containers.RepeatedCompositeFieldContainer[Global___TermCount]:
+        """search_terms_matched values by how many items hold them, most first, ties by term."""
+
+    @_builtins.property
+    def engagement(self) -> Global___Engagement: ...
+    def __init__(
+        self,
+        *,
+        volume: _abc.Iterable[Global___VolumeBucket] | None = ...,
+        top_actors: _abc.Iterable[Global___ActorCount] | None = ...,
+        top_terms: _abc.Iterable[Global___TermCount] | None = ...,
+        engagement: Global___Engagement | None = ...,
+        total: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engagement", b"engagement"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engagement", b"engagement", "top_actors", b"top_actors", "top_terms", b"top_terms", "total", b"total", "volume", b"volume"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetContentStatsResponse: _TypeAlias = GetContentStatsResponse  # noqa: Y015

@@ -75,6 +75,26 @@ class ContentServiceStub:
                 request_serializer=observatory_dot_v1_dot_content__pb2.IngestContentRequest.SerializeToString,
                 response_deserializer=observatory_dot_v1_dot_content__pb2.IngestContentResponse.FromString,
                 _registered_method=True)
+        self.ExportContent = channel.unary_stream(
+                '/observatory.v1.ContentService/ExportContent',
+                request_serializer=observatory_dot_v1_dot_content__pb2.ExportContentRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_content__pb2.ExportChunk.FromString,
+                _registered_method=True)
+        self.FindDuplicates = channel.unary_unary(
+                '/observatory.v1.ContentService/FindDuplicates',
+                request_serializer=observatory_dot_v1_dot_content__pb2.FindDuplicatesRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_content__pb2.FindDuplicatesResponse.FromString,
+                _registered_method=True)
+        self.MarkDuplicates = channel.unary_unary(
+                '/observatory.v1.ContentService/MarkDuplicates',
+                request_serializer=observatory_dot_v1_dot_content__pb2.MarkDuplicatesRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_content__pb2.MarkDuplicatesResponse.FromString,
+                _registered_method=True)
+        self.GetContentStats = channel.unary_unary(
+                '/observatory.v1.ContentService/GetContentStats',
+                request_serializer=observatory_dot_v1_dot_content__pb2.GetContentStatsRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_content__pb2.GetContentStatsResponse.FromString,
+                _registered_method=True)
 
 
 class ContentServiceServicer:
@@ -139,6 +159,37 @@ class ContentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportContent(self, request, context):
+        """Streams every item matching the filter as one file (NDJSON, CSV, Parquet or
+        Arrow IPC), read from one consistent snapshot. Concatenating the data of
+        all chunks gives the file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FindDuplicates(self, request, context):
+        """Groups of items that look like the same item: same normalised URL, or same
+        content_hash on different platforms or arenas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def MarkDuplicates(self, request, context):
+        """Marks items as duplicates of a canonical item (sets their duplicate_of).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetContentStats(self, request, context):
+        """Volume over time, top actors, top terms and engagement of the filtered items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ContentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -181,6 +232,26 @@ def add_ContentServiceServicer_to_server(servicer, server):
                     servicer.IngestContent,
                     request_deserializer=observatory_dot_v1_dot_content__pb2.IngestContentRequest.FromString,
                     response_serializer=observatory_dot_v1_dot_content__pb2.IngestContentResponse.SerializeToString,
+            ),
+            'ExportContent': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportContent,
+                    request_deserializer=observatory_dot_v1_dot_content__pb2.ExportContentRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_content__pb2.ExportChunk.SerializeToString,
+            ),
+            'FindDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.FindDuplicates,
+                    request_deserializer=observatory_dot_v1_dot_content__pb2.FindDuplicatesRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_content__pb2.FindDuplicatesResponse.SerializeToString,
+            ),
+            'MarkDuplicates': grpc.unary_unary_rpc_method_handler(
+                    servicer.MarkDuplicates,
+                    request_deserializer=observatory_dot_v1_dot_content__pb2.MarkDuplicatesRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_content__pb2.MarkDuplicatesResponse.SerializeToString,
+            ),
+            'GetContentStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetContentStats,
+                    request_deserializer=observatory_dot_v1_dot_content__pb2.GetContentStatsRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_content__pb2.GetContentStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -400,6 +471,114 @@ class ContentService:
             '/observatory.v1.ContentService/IngestContent',
             observatory_dot_v1_dot_content__pb2.IngestContentRequest.SerializeToString,
             observatory_dot_v1_dot_content__pb2.IngestContentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportContent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/observatory.v1.ContentService/ExportContent',
+            observatory_dot_v1_dot_content__pb2.ExportContentRequest.SerializeToString,
+            observatory_dot_v1_dot_content__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FindDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.ContentService/FindDuplicates',
+            observatory_dot_v1_dot_content__pb2.FindDuplicatesRequest.SerializeToString,
+            observatory_dot_v1_dot_content__pb2.FindDuplicatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MarkDuplicates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.ContentService/MarkDuplicates',
+            observatory_dot_v1_dot_content__pb2.MarkDuplicatesRequest.SerializeToString,
+            observatory_dot_v1_dot_content__pb2.MarkDuplicatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetContentStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.ContentService/GetContentStats',
+            observatory_dot_v1_dot_content__pb2.GetContentStatsRequest.SerializeToString,
+            observatory_dot_v1_dot_content__pb2.GetContentStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,19 @@ class ContentServiceStub:
     """Bulk load by client stream. Bad rows are reported and skipped; good rows
     are all kept; natural-key duplicates are counted, not errors.
     """
+    ExportContent: _grpc.UnaryStreamMultiCallable[_content_pb2.ExportContentRequest, _content_pb2.ExportChunk]
+    """Streams every item matching the filter as one file (NDJSON, CSV, Parquet or
+    Arrow IPC), read from one consistent snapshot. Concatenating the data of
+    all chunks gives the file.
+    """
+    FindDuplicates: _grpc.UnaryUnaryMultiCallable[_content_pb2.FindDuplicatesRequest, _content_pb2.FindDuplicatesResponse]
+    """Groups of items that look like the same item: same normalised URL, or same
+    content_hash on different platforms or arenas.
+    """
+    MarkDuplicates: _grpc.UnaryUnaryMultiCallable[_content_pb2.MarkDuplicatesRequest, _content_pb2.MarkDuplicatesResponse]
+    """Marks items as duplicates of a canonical item (sets their duplicate_of)."""
+    GetContentStats: _grpc.UnaryUnaryMultiCallable[_content_pb2.GetContentStatsRequest, _content_pb2.GetContentStatsResponse]
+    """Volume over time, top actors, top terms and engagement of the filtered items."""
 
 @_typing.type_check_only
 class ContentServiceAsyncStub(ContentServiceStub):
@@ -79,6 +92,19 @@ class ContentServiceAsyncStub(ContentServiceStub):
     """Bulk load by client stream. Bad rows are reported and skipped; good rows
     are all kept; natural-key duplicates are counted, not errors.
     """
+    ExportContent: _aio.UnaryStreamMultiCallable[_content_pb2.ExportContentRequest, _content_pb2.ExportChunk]  # type: ignore[assignment]
+    """Streams every item matching the filter as one file (NDJSON, CSV, Parquet or
+    Arrow IPC), read from one consistent snapshot. Concatenating the data of
+    all chunks gives the file.
+    """
+    FindDuplicates: _aio.UnaryUnaryMultiCallable[_content_pb2.FindDuplicatesRequest, _content_pb2.FindDuplicatesResponse]  # type: ignore[assignment]
+    """Groups of items that look like the same item: same normalised URL, or same
+    content_hash on different platforms or arenas.
+    """
+    MarkDuplicates: _aio.UnaryUnaryMultiCallable[_content_pb2.MarkDuplicatesRequest, _content_pb2.MarkDuplicatesResponse]  # type: ignore[assignment]
+    """Marks items as duplicates of a canonical item (sets their duplicate_of)."""
+    GetContentStats: _aio.UnaryUnaryMultiCallable[_content_pb2.GetContentStatsRequest, _content_pb2.GetContentStatsResponse]  # type: ignore[assignment]
+    """Volume over time, top actors, top terms and engagement of the filtered items."""
 
 class ContentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Posts and articles collected from platforms."""
@@ -150,5 +176,42 @@ class ContentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Bulk load by client stream. Bad rows are reported and skipped; good rows
         are all kept; natural-key duplicates are counted, not errors.
         """
+
+    @_abc_1.abstractmethod
+    def ExportContent(
+        self,
+        request: _content_pb2.ExportContentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_content_pb2.ExportChunk], _abc.AsyncIterator[_content_pb2.ExportChunk]]:
+        """Streams every item matching the filter as one file (NDJSON, CSV, Parquet or
+        Arrow IPC), read from one consistent snapshot. Concatenating the data of
+        all chunks gives the file.
+        """
+
+    @_abc_1.abstractmethod
+    def FindDuplicates(
+        self,
+        request: _content_pb2.FindDuplicatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_content_pb2.FindDuplicatesResponse, _abc.Awaitable[_content_pb2.FindDuplicatesResponse]]:
+        """Groups of items that look like the same item: same normalised URL, or same
+        content_hash on different platforms or arenas.
+        """
+
+    @_abc_1.abstractmethod
+    def MarkDuplicates(
+        self,
+        request: _content_pb2.MarkDuplicatesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_content_pb2.MarkDuplicatesResponse, _abc.Awaitable[_content_pb2.MarkDuplicatesResponse]]:
+        """Marks items as duplicates of a canonical item (sets their duplicate_of)."""
+
+    @_abc_1.abstractmethod
+    def GetContentStats(
+        self,
+        request: _content_pb2.GetContentStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_content_pb2.GetContentStatsResponse, _abc.Awaitable[_content_pb2.GetContentStatsResponse]]:
+        """Volume over time, top actors, top terms and engagement of the filtered items."""
 
 def add_ContentServiceServicer_to_server(servicer: ContentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

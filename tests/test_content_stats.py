@@ -1,0 +1,145 @@
+"""GetContentStats on a small known set."""
+
+import uuid
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+import pytest_asyncio
+from observatory.v1 import content_pb2
+
+from tests.helpers import expect_rpc_error, make_content
+
+pytestmark = pytest.mark.asyncio
+
+ACTOR = str(uuid.uuid4())
+
+
+def at(day: int, month: int = 3) -> datetime:
+    return datetime(2026, month, day, 12, tzinfo=UTC)
+
+
+# (published, arena, likes, shares, comments, terms, author_id, author_platform_id)
+ROWS = [
+    (at(2), "news", 1, None, None, ["climate", "energy"], ACTOR, "acc1"),  # Monday
+    (at(2), "news", 2, 3, None, ["climate"], ACTOR, "acc2"),
+    (at(3), "", None, None, None, [], "", "acc9"),
+    (at(9), "social", 10, 10, 10, ["energy"], "", "acc9"),  # the next Monday
+    (at(20, 4), "social", 100, 0, 0, ["climate"], "", ""),
+]
+ENGAGEMENT = sorted([1, 5, 0, 30, 100])
+
+
+@pytest_asyncio.fixture
+async def known_set(content_stub, alice, bob):
+    for published, arena, likes, shares, comments, terms, author, account in ROWS:
+        counts = {
+            name: value
+            for name, value in (
+                ("likes_count", likes),
+                ("shares_count", shares),
+                ("comments_count", comments),
+            )
+            if value is not None
+        }
+        await content_stub.CreateContent(
+            content_pb2.CreateContentRequest(
+                content=make_content(
+                    published_at=published,
+                    arena=arena,
+                    search_terms_matched=terms,
+                    author_id=author,
+                    author_platform_id=account,
+                    author_display_name=f"name of {account}" if account else "",
+                    **counts,
+                )
+            ),
+            metadata=alice.metadata,
+        )
+    await content_stub.CreateContent(
+        content_pb2.CreateContentRequest(content=make_content(published_at=at(2), likes_count=9)),
+        metadata=bob.metadata,
+    )
+
+
+async def stats(stub, caller, **request) -> content_pb2.GetContentStatsResponse:
+    return await stub.GetContentStats(
+        content_pb2.GetContentStatsRequest(**request), metadata=caller.metadata
+    )
+
+
+def volume(response) -> list[tuple[datetime, int, dict[str, int]]]:
+    return [
+        (bucket.period_start.ToDatetime(tzinfo=UTC), bucket.count, dict(bucket.by_arena))
+        for bucket in response.volume
+    ]
+
+
+def midnight(day: int, month: int = 3) -> datetime:
+    return datetime(2026, month, day, tzinfo=UTC)
+
+
+async def test_volume_by_day_week_and_month(content_stub, alice, known_set):
+    by_day = await stats(content_stub, alice, granularity="day")
+    assert volume(by_day) == [
+        (midnight(2), 2, {"news": 2}),
+        (midnight(3), 1, {"": 1}),
+        (midnight(9), 1, {"social": 1}),
+        (midnight(20, 4), 1, {"social": 1}),
+    ]
+    by_week = await stats(content_stub, alice, granularity="week")
+    assert volume(by_week) == [
+        (midnight(2), 3, {"news": 2, "": 1}),
+        (midnight(9), 1, {"social": 1}),
+        (midnight(20, 4), 1, {"social": 1}),
+    ]
+    by_month = await stats(content_stub, alice, granularity="month")
+    assert volume(by_month) == [
+        (midnight(1), 4, {"news": 2, "": 1, "social": 1}),
+        (midnight(1, 4), 1, {"social": 1}),
+    ]
+    assert by_day.total == 5
+
+
+async def test_engagement_median_p95_and_mean(content_stub, alice, known_set):
+    engagement = (await stats(content_stub, alice)).engagement
+    assert engagement.median == 5
+    # Continuous percentile: 95% of the way from the 1st to the 5th value.
+    position = 0.95 * (len(ENGAGEMENT) - 1)
+    low = ENGAGEMENT[int(position)]
+    expected = low + (position - int(position)) * (ENGAGEMENT[int(position) + 1] - low)
+    assert engagement.p95 == pytest.approx(expected)
+    assert engagement.mean == pytest.approx(sum(ENGAGEMENT) / len(ENGAGEMENT))
+
+
+async def test_top_actors_and_terms(content_stub, alice, known_set):
+    response = await stats(content_stub, alice, top_n=5)
+    actors = [(a.author_id, a.platform, a.author_platform_id, a.count) for a in response.top_actors]
+    assert actors == [(ACTOR, "", "", 2), ("", "twitter", "acc9", 2)]
+    assert response.top_actors[1].author_display_name == "name of acc9"
+    assert [(t.term, t.count) for t in response.top_terms] == [("climate", 3), ("energy", 2)]
+    top_one = await stats(content_stub, alice, top_n=1)
+    assert [t.term for t in top_one.top_terms] == ["climate"]
+
+
+async def test_the_filter_narrows_every_figure(content_stub, alice, known_set):
+    response = await stats(content_stub, alice, filter=content_pb2.ContentFilter(arenas=["social"]))
+    assert response.total == 2
+    assert [(t.term, t.count) for t in response.top_terms] == [("climate", 1), ("energy", 1)]
+    assert response.engagement.mean == pytest.approx(65)
+
+
+async def test_no_rows_gives_zeros(content_stub, alice):
+    response = await stats(content_stub, alice)
+    assert response.total == 0 and not response.volume and not response.top_terms
+    assert response.engagement == content_pb2.Engagement()
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [({"granularity": "hour"}, "granularity"), ({"top_n": 101}, "top_n"), ({"top_n": -1}, "top_n")],
+)
+async def test_bad_requests_name_the_field(content_stub, alice, request_fields, field):
+    error = await expect_rpc_error(stats(content_stub, alice, **request_fields))
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.fields == [field]
