@@ -20,7 +20,7 @@ help:
 	@echo "make protos   regenerate generated/ from protos/"
 	@echo "make token    print a dev JWT (ROLE=admin for an admin one, SUB=<uuid> to choose the user)"
 	@echo "make migrate  alembic upgrade head against DATABASE_URL (or the embedded database)"
-	@echo "make bench    run the benchmarks and write bench/results/content.md"
+	@echo "make bench    run every benchmark suite (BENCH_ARGS=<suite> [--quick] for one); results in bench/results/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
