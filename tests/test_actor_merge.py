@@ -1,8 +1,10 @@
 """MergeActors and SplitActor: all or nothing, no orphaned content or
 presences, and overlapping merges from many processes stay consistent."""
 
+import asyncio
 import uuid
 
+import asyncpg
 import grpc
 import pytest
 from observatory.v1 import actor_pb2, content_pb2
@@ -18,7 +20,7 @@ from tests.actor_helpers import (
     presences_by_actor,
     write_content,
 )
-from tests.helpers import expect_rpc_error, make_content
+from tests.helpers import expect_rpc_error, ingest_requests, make_content, wait_until
 
 pytestmark = pytest.mark.asyncio
 
@@ -186,3 +188,67 @@ class TestSplitActor:
             uuid.UUID(actor.id): 1,
             uuid.UUID(other.id): 1,
         }
+
+
+class TestContentWrittenDuringAMerge:
+    """Content linked to an actor while a merge of that actor is in flight ends
+    up on the canonical actor, never on the removed duplicate."""
+
+    async def _has_waiters(self, db, count: int) -> bool:
+        """At least `count` backends of this database wait for a lock."""
+        waiting = await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return bool(waiting >= count)
+
+    @pytest.mark.parametrize("via", ["ingest", "create"])
+    async def test_rows_linked_mid_merge_follow_the_merge(
+        self, actor_stub, content_stub, alice, db, database_url, via
+    ):
+        canonical = await create_actor(actor_stub, alice, "Canonical Person")
+        duplicate = await create_actor(actor_stub, alice, "Duplicate Person")
+        account = f"acct-{uuid.uuid4().hex[:8]}"
+        await add_presence(actor_stub, alice, duplicate.id, "twitter", account)
+        await write_content(content_stub, alice, {("twitter", account): 1})
+
+        # Hold the duplicate's existing content row, so the merge stops midway:
+        # it has locked both actors and moved the account, but not committed.
+        blocker = await asyncpg.connect(database_url)
+        try:
+            holding = blocker.transaction()
+            await holding.start()
+            await blocker.execute(
+                "SELECT 1 FROM content WHERE author_id = $1 FOR UPDATE",
+                uuid.UUID(duplicate.id),
+            )
+            merging = asyncio.create_task(merge(actor_stub, alice, canonical.id, duplicate.id))
+            assert await wait_until(lambda: self._has_waiters(db, 1))
+
+            row = make_content(platform="twitter", author_platform_id=account, title="mid-merge")
+            if via == "ingest":
+                call = content_stub.IngestContent(
+                    iter(ingest_requests([row])), metadata=alice.metadata
+                )
+            else:
+                call = content_stub.CreateContent(
+                    content_pb2.CreateContentRequest(content=row), metadata=alice.metadata
+                )
+            writing = asyncio.ensure_future(call)
+            # The writer waits for the merge rather than linking to the duplicate.
+            assert await wait_until(lambda: self._has_waiters(db, 2))
+            assert not writing.done()
+            await holding.rollback()
+            await merging
+            await writing
+        finally:
+            await blocker.close()
+
+        authors = await db.fetch(
+            "SELECT title, author_id FROM content WHERE owner_id = $1 AND author_platform_id = $2",
+            alice.user_id,
+            account,
+        )
+        assert len(authors) == 2
+        assert {r["author_id"] for r in authors} == {uuid.UUID(canonical.id)}
+        assert await orphans(db, alice) == (0, 0)

@@ -277,11 +277,20 @@ class ActorRepository:
         return {row["id"]: row for row in (await self._conn.execute(query)).mappings()}
 
     async def lock(
-        self, actor_ids: Sequence[uuid.UUID], owner_id: uuid.UUID | None
+        self,
+        actor_ids: Sequence[uuid.UUID],
+        owner_id: uuid.UUID | None,
+        *,
+        relinking: bool = False,
     ) -> list[RowMapping]:
         """Locks the visible actors among `actor_ids` for this transaction, in
         ID order (so overlapping lockers queue instead of deadlocking); an actor
-        removed meanwhile by another transaction is simply not returned."""
+        removed meanwhile by another transaction is simply not returned.
+
+        `relinking` (merge, split: presences change hands and content is
+        re-pointed) takes FOR UPDATE, which waits for content writers holding
+        FOR KEY SHARE on the actors they link rows to; other changes take FOR
+        NO KEY UPDATE, which does not."""
         query = select(
             actors.c.id,
             actors.c.owner_id,
@@ -291,7 +300,7 @@ class ActorRepository:
         ).where(actors.c.id.in_(actor_ids))
         if owner_id is not None:
             query = query.where(actors.c.owner_id == owner_id)
-        query = query.order_by(actors.c.id).with_for_update()
+        query = query.order_by(actors.c.id).with_for_update(key_share=not relinking)
         return list((await self._conn.execute(query)).mappings())
 
     async def touch(self, actor_id: uuid.UUID) -> None:

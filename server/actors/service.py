@@ -52,11 +52,11 @@ def _resource(actor_id: uuid.UUID) -> str:
 
 
 async def _locked_live(
-    repo: ActorRepository, actor_id: uuid.UUID, caller: Principal
+    repo: ActorRepository, actor_id: uuid.UUID, caller: Principal, *, relinking: bool = False
 ) -> Mapping[Any, Any]:
     """Locks one actor the caller may change; NOT_FOUND when it is not there,
     FAILED_PRECONDITION when it is soft-deleted."""
-    rows = await repo.lock([actor_id], _owner_scope(caller))
+    rows = await repo.lock([actor_id], _owner_scope(caller), relinking=relinking)
     if not rows:
         raise errors.NotFound(f"actor {actor_id} not found")
     if rows[0]["delete_time"] is not None:
@@ -313,7 +313,7 @@ class ActorService:
             )
         async with self._db.write() as conn:
             repo = ActorRepository(conn)
-            actor = await _locked_live(repo, actor_id, caller)
+            actor = await _locked_live(repo, actor_id, caller, relinking=True)
             owned = await repo.presences_of(actor_id, presence_ids)
             for i, presence_id in enumerate(presence_ids):
                 if presence_id not in owned:
@@ -354,7 +354,7 @@ async def _lock_all(
     """Locks every actor of a merge (in ID order): all must exist, be live and
     have one owner; field names point at the offending request entry."""
     rows: dict[uuid.UUID, Mapping[Any, Any]] = {
-        row["id"]: row for row in await repo.lock(actor_ids, _owner_scope(caller))
+        row["id"]: row for row in await repo.lock(actor_ids, _owner_scope(caller), relinking=True)
     }
     fields = ["canonical_id", *(f"duplicate_ids[{i}]" for i in range(len(actor_ids) - 1))]
     owner_id = rows[actor_ids[0]]["owner_id"] if actor_ids[0] in rows else None

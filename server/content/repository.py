@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -25,7 +25,8 @@ from sqlalchemy.dialects.postgresql import REGCONFIG, insert
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server.actors.tables import actor_presences
+from server import errors
+from server.actors.tables import actor_presences, actors
 from server.content.convert import INSERT_COLUMNS
 from server.db import PreparedStatement, driver_connection, rows_affected
 from server.tables import CONTENT_NATURAL_KEY, CONTENT_TS_CONFIG, content
@@ -39,6 +40,37 @@ _GET_OWNED = PreparedStatement(
     )
 )
 _GET_ANY_OWNER = PreparedStatement(select(*COLUMNS).where(content.c.id == bindparam("id")))
+
+# The actors that staged ingest rows with a stream index in [$1, $2] and no
+# author_id get through their author's account.
+_STAGED_AUTHORS = (
+    f"SELECT p.actor_id FROM {STAGING_TABLE} s JOIN actor_presences p "
+    "ON p.owner_id = s.owner_id AND p.platform = s.platform "
+    "AND p.platform_user_id = s.author_platform_id "
+    "WHERE s.stream_index BETWEEN $1 AND $2 AND s.author_id IS NULL"
+)
+_LOCK_STAGED_AUTHORS = (
+    f"SELECT id FROM actors WHERE id IN ({_STAGED_AUTHORS}) ORDER BY id FOR KEY SHARE"
+)
+_LOCK_ROUNDS = 5
+
+ActorIds = Callable[[], Awaitable[Iterable[uuid.UUID]]]
+
+
+async def _hold_linked_actors(lock: ActorIds, linked: ActorIds) -> None:
+    """Holds FOR KEY SHARE, until commit, on every actor that rows are about to
+    be linked to (`lock` locks them in ID order, as merges do; `linked` reads
+    which they are now), so that a merge or split of those actors (FOR UPDATE)
+    waits for this transaction and then re-points its rows too, instead of the
+    rows ending up on an actor the merge removed. When a merge committed in
+    the meantime, the account has moved to another actor: the next round
+    locks that one."""
+    locked: set[uuid.UUID] = set()
+    for _ in range(_LOCK_ROUNDS):
+        locked.update(await lock())
+        if set(await linked()) <= locked:
+            return
+    raise errors.Aborted("the authors' actors kept being merged; retry")
 
 
 async def lookup_content(
@@ -125,16 +157,26 @@ class ContentRepository:
         author_id, it gets the actor whose presence is its author's account."""
         if values.get("author_id") is None and values.get("author_platform_id"):
             p = actor_presences.c
-            values = {
-                **values,
-                "author_id": select(p.actor_id)
-                .where(
-                    p.owner_id == values["owner_id"],
-                    p.platform == values["platform"],
-                    p.platform_user_id == values["author_platform_id"],
-                )
-                .scalar_subquery(),
-            }
+            author = select(p.actor_id).where(
+                p.owner_id == values["owner_id"],
+                p.platform == values["platform"],
+                p.platform_user_id == values["author_platform_id"],
+            )
+            lock = (
+                select(actors.c.id)
+                .where(actors.c.id.in_(author))
+                .order_by(actors.c.id)
+                .with_for_update(read=True, key_share=True)
+            )
+
+            async def locked() -> Iterable[uuid.UUID]:
+                return (await self._conn.execute(lock)).scalars().all()
+
+            async def linked() -> Iterable[uuid.UUID]:
+                return (await self._conn.execute(author)).scalars().all()
+
+            await _hold_linked_actors(locked, linked)
+            values = {**values, "author_id": author.scalar_subquery()}
         statement = (
             insert(content)
             .values(**values)
@@ -246,6 +288,14 @@ class ContentRepository:
         content in one statement; returns how many were new (the rest clashed on
         the natural key). Raises the database's error when any row is refused."""
         driver = await driver_connection(self._conn)
+
+        async def locked() -> Iterable[uuid.UUID]:
+            return [row["id"] for row in await driver.fetch(_LOCK_STAGED_AUTHORS, first, last)]
+
+        async def linked() -> Iterable[uuid.UUID]:
+            return [row["actor_id"] for row in await driver.fetch(_STAGED_AUTHORS, first, last)]
+
+        await _hold_linked_actors(locked, linked)
         columns = ", ".join(INSERT_COLUMNS)
         # A row with no author_id gets the actor whose presence is its author's account.
         values = ", ".join(
