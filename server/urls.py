@@ -3,12 +3,17 @@ VectorService.CheckDuplicate share it, so both agree on what "the same URL" is).
 
 from __future__ import annotations
 
+import re
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 # Query parameters that only track where a click came from.
 TRACKING_PARAMS = frozenset({"fbclid", "gclid", "ref", "source", "_ga"})
 TRACKING_PREFIXES = ("utm_",)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# A query that parse_qsl + urlencode would give back unchanged, pair by pair:
+# no escapes, no '+', no '=' inside a value, nothing urlencode would quote. Ingest normalises every
+# row's URL, so this common case skips the decode/re-encode round trip.
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~=&-]*")
 
 
 def _is_tracking(name: str) -> bool:
@@ -53,12 +58,27 @@ def normalize_url(url: str | None) -> str | None:
     if port is not None and port != _DEFAULT_PORTS[scheme]:
         host = f"{host}:{port}"
     path = parts.path.rstrip("/")
-    query = sorted(
-        (name, value)
-        for name, value in parse_qsl(parts.query, keep_blank_values=True)
-        if not _is_tracking(name)
-    )
     normalized = f"https://{host}{path}"
-    if query:
-        normalized += "?" + urlencode(query)
-    return normalized
+    query = _normalized_query(parts.query)
+    return f"{normalized}?{query}" if query else normalized
+
+
+def _normalized_query(query: str) -> str:
+    """The query without tracking parameters, the rest sorted by name, then value."""
+    if not query:
+        return ""
+    items = query.split("&")
+    if _PLAIN_QUERY.fullmatch(query) and all(item.count("=") <= 1 for item in items):
+        pairs = sorted(
+            (name, value)
+            for name, _, value in (item.partition("=") for item in items if item)
+            if not _is_tracking(name)
+        )
+        return "&".join(f"{name}={value}" for name, value in pairs)
+    return urlencode(
+        sorted(
+            (name, value)
+            for name, value in parse_qsl(query, keep_blank_values=True)
+            if not _is_tracking(name)
+        )
+    )

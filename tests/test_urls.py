@@ -86,3 +86,17 @@ def test_empty_or_unparseable_urls_have_no_key(given: str | None) -> None:
 
 def test_other_schemes_are_returned_as_given() -> None:
     assert normalize_url(" mailto:someone@example.com ") == "mailto:someone@example.com"
+
+
+def test_plain_queries_normalise_exactly_as_decoding_and_re_encoding_would() -> None:
+    """The shortcut for plain queries gives what parse_qsl + urlencode give."""
+    import random
+    from urllib.parse import parse_qsl, urlencode
+
+    rng = random.Random(7)
+    alphabet = "ab_.~-=&Z09%+/"
+    for _ in range(20_000):
+        query = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 14)))
+        kept = [(n, v) for n, v in parse_qsl(query, keep_blank_values=True) if n != "ref"]
+        expected = "https://example.com/a" + (f"?{urlencode(sorted(kept))}" if kept else "")
+        assert normalize_url(f"https://example.com/a?{query}") == expected, query
