@@ -146,6 +146,8 @@ def check_item_id(value: str, field: str) -> str:
 
 
 def metadata_json(value: struct_pb2.Struct, field: str) -> str:
+    if not value.fields:  # most items carry none: skip the conversion
+        return "{}"
     try:
         return dump_json(struct_to_dict(value))
     except ValueError as exc:
