@@ -39,6 +39,17 @@ def fingerprint(kind: str, *query: Message | str | None) -> str:
     return digest.hexdigest()[:24]
 
 
+def next_page_token(
+    rows: Sequence[Any], size: int, query_fingerprint: str, key: Callable[[Any], Sequence[Any]]
+) -> str:
+    """For `rows` fetched with a limit of `size` + 1: the token for the page
+    after the first `size` rows (`key` gives a row's sort key), or "" when
+    the extra row did not come, i.e. this is the last page."""
+    if len(rows) <= size:
+        return ""
+    return encode_token(query_fingerprint, key(rows[size - 1]))
+
+
 def encode_token(query_fingerprint: str, key: Sequence[Any]) -> str:
     """A token for the page after the row whose sort key is `key` (datetimes
     and UUIDs are written as text)."""

@@ -131,11 +131,9 @@ class ActorService:
         response = actor_pb2.ListActorsResponse()
         for row in rows[:size]:
             convert.to_proto(row, response.actors.add())
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = pagination.encode_token(
-                token_query, (last["canonical_name"], last["id"])
-            )
+        response.next_page_token = pagination.next_page_token(
+            rows, size, token_query, lambda row: (row["canonical_name"], row["id"])
+        )
         return response
 
     async def update(

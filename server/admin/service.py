@@ -52,11 +52,9 @@ class AdminService:
             )
             dict_to_struct(row["detail"], entry.detail)
             set_timestamp(entry.create_time, row["create_time"])
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = pagination.encode_token(
-                token_query, (last["create_time"], last["id"])
-            )
+        response.next_page_token = pagination.next_page_token(
+            rows, size, token_query, lambda row: (row["create_time"], row["id"])
+        )
         return response
 
     async def verify_ledger(

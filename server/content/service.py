@@ -126,11 +126,9 @@ class ContentService:
         response = content_pb2.ListContentResponse()
         for row in rows[:size]:
             convert.to_proto(row, response.contents.add())
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = pagination.encode_token(
-                token_query, (last["published_at"], last["id"])
-            )
+        response.next_page_token = pagination.next_page_token(
+            rows, size, token_query, lambda row: (row["published_at"], row["id"])
+        )
         return response
 
     async def update(
@@ -201,11 +199,9 @@ class ContentService:
         for row in rows[:size]:
             result = response.results.add(rank=row["rank"], snippet=row["snippet"] or "")
             convert.to_proto(row, result.content)
-        if len(rows) > size:
-            last = rows[size - 1]
-            response.next_page_token = pagination.encode_token(
-                token_query, (last["rank"], last["id"])
-            )
+        response.next_page_token = pagination.next_page_token(
+            rows, size, token_query, lambda row: (row["rank"], row["id"])
+        )
         return response
 
     async def ingest(

@@ -237,10 +237,9 @@ class CreditService:
         response = credit_pb2.ListTransactionsResponse()
         for row in rows[:size]:
             convert.transaction(row, response.transactions.add())
-        if len(rows) > size:
-            response.next_page_token = pagination.encode_token(
-                token_query, (rows[size - 1]["seq"],)
-            )
+        response.next_page_token = pagination.next_page_token(
+            rows, size, token_query, lambda row: (row["seq"],)
+        )
         return response
 
     async def estimate_cost(

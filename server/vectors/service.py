@@ -123,10 +123,9 @@ class VectorService:
         response = vector_pb2.ListCollectionsResponse(
             collections=[convert.collection_to_proto(s, counts.get(s.id, 0)) for s in specs]
         )
-        if len(rows) > size:
-            response.next_page_token = pagination.encode_token(
-                token_query, (specs[-1].name, specs[-1].id)
-            )
+        response.next_page_token = pagination.next_page_token(
+            rows, size, token_query, lambda row: (row["name"], row["id"])
+        )
         return response
 
     # -- items ------------------------------------------------------------------------
