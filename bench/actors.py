@@ -30,16 +30,15 @@ from bench.env import (
     code_version,
     ensure_h2load,
     free_port,
+    fresh_database,
     h2load_version,
     load_average,
     machine_facts,
     wait_serving,
 )
 from bench.report import Row, table, write_results
-from server import migrate
 from server.actors.repository import find_candidates, resolve_actor
 from server.auth import issue_token
-from server.embedded import EmbeddedPostgres
 from server.settings import Settings
 
 DATABASE = "observatory_bench_actors"
@@ -505,15 +504,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = datetime.now(UTC)
     load_before = load_average()
     say(f"{'quick' if config.quick else 'full'} actors run; load average {load_before}")
-    embedded = EmbeddedPostgres(DATA_DIR)
-    embedded.start()
-    try:
-        url = embedded.ensure_database(DATABASE, fresh=True)
-        migrate.upgrade(url)
+    with fresh_database(DATABASE) as url:
         bench = Bench(config, url, h2load)
         asyncio.run(bench.run())
-    finally:
-        embedded.stop()
     elapsed = (datetime.now(UTC) - started).total_seconds()
     run = {
         "mode": "quick (--quick: smaller sizes, not for comparison)" if config.quick else "full",

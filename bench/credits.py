@@ -34,15 +34,14 @@ from bench.env import (
     CpuMeter,
     code_version,
     free_port,
+    fresh_database,
     load_average,
     machine_facts,
     postmaster_pid,
     wait_serving,
 )
 from bench.report import Row, table, write_results
-from server import migrate
 from server.auth import issue_token
-from server.embedded import EmbeddedPostgres
 from server.settings import Settings
 
 DATABASE = "observatory_bench_credits"
@@ -346,16 +345,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = datetime.now(UTC)
     load_before = load_average()
     say(f"{'quick' if config.quick else 'full'} run; load average {load_before}")
-    embedded = EmbeddedPostgres(DATA_DIR)
-    embedded.start()
-    try:
-        url = embedded.ensure_database(DATABASE, fresh=True)
-        say(f"database {DATABASE} in {DATA_DIR}: migrating")
-        migrate.upgrade(url)
+    with fresh_database(DATABASE) as url:
         measured = asyncio.run(run(url, config))
         pg_version = asyncio.run(_server_version(url))
-    finally:
-        embedded.stop()
     m = measured.rates
     raw = f"raw asyncpg, same 2 transactions, {CLIENTS} coroutines"
     rows = [
