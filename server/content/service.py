@@ -19,7 +19,7 @@ from server.auth import Principal
 from server.content import convert
 from server.content.repository import ContentQuery, ContentRepository, lookup_content
 from server.db import Database
-from server.protoconv import parse_uuid, timestamp_field
+from server.protoconv import mask_fields, parse_uuid, timestamp_field
 from server.tables import CONTENT_NATURAL_KEY
 from server.urls import normalize_url
 
@@ -135,7 +135,7 @@ class ContentService:
         self, caller: Principal, message: content_pb2.Content, mask: field_mask_pb2.FieldMask
     ) -> content_pb2.Content:
         content_id = parse_uuid(message.id, "content.id")
-        fields = _mask_fields(mask)
+        fields = mask_fields(mask, convert.WRITABLE_FIELDS, convert.OUTPUT_ONLY_FIELDS, "Content")
         try:
             changes = convert.writable_values(message, fields)
         except errors.InvalidArgument as error:
@@ -355,17 +355,3 @@ class _Ingest:
         encoded = item.SerializeToString(deterministic=True)
         self._digest.update(len(encoded).to_bytes(8, "little"))
         self._digest.update(encoded)
-
-
-def _mask_fields(mask: field_mask_pb2.FieldMask) -> frozenset[str]:
-    if not mask.paths:
-        return convert.WRITABLE_FIELDS
-    fields = set()
-    for i, path in enumerate(mask.paths):
-        if path in convert.WRITABLE_FIELDS:
-            fields.add(path)
-        elif path not in convert.OUTPUT_ONLY_FIELDS:
-            raise errors.InvalidArgument(
-                f"update_mask.paths[{i}]", f"{path!r} is not a field of Content"
-            )
-    return frozenset(fields)
