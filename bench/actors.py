@@ -493,8 +493,7 @@ class Bench:
             "path runs set_config + the candidate statement in one transaction",
             f"ResolveActor: h2load {IN_FLIGHT[0]} clients x {IN_FLIGHT[1]} streams, the "
             "throughput ratio is ours / raw (1 = as fast as raw)",
-            "ratios come from the same run; the load averages in Run tell how busy the "
-            "machine was",
+            "ratios come from the same run; the load averages in Run tell how busy the machine was",
         ]
 
 

@@ -1,12 +1,13 @@
 """ExportContent: one snapshot of the filtered content streamed as one file.
 
 A producer task reads the rows inside one REPEATABLE READ READ ONLY
-transaction (COPY for NDJSON and CSV, so PostgreSQL does the formatting; a
-server-side cursor for Parquet and Arrow, built into typed record batches) and
-puts ~1 MiB chunks on a small bounded queue. The RPC's stream takes them off.
-When the client reads slowly, the queue fills, the producer waits, and so does
-the COPY or cursor: memory stays flat. Cancelling the RPC cancels the producer,
-which discards its connection (ending the COPY or cursor on the server)."""
+transaction with `COPY (SELECT ...) TO STDOUT`, so PostgreSQL does the
+formatting: CSV as it is, NDJSON as one JSON text per row, and for Parquet and
+Arrow the same CSV, parsed into typed record batches by pyarrow in a worker
+thread. It puts ~1 MiB chunks on a small bounded queue; the RPC's stream takes
+them off. When the client reads slowly, the queue fills, the producer waits,
+and so does the COPY: memory stays flat. Cancelling the RPC cancels the
+producer, which discards its connection (ending the COPY on the server)."""
 
 from __future__ import annotations
 
