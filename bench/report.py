@@ -3,6 +3,7 @@ bench/results/content.md."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,32 @@ def table(rows: list[Row]) -> str:
     out = [render(HEADER), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out.extend(render(cells) for cells in lines[1:])
     return "\n".join(out)
+
+
+def cpu_table(
+    runs: Iterable[tuple[str, float, Mapping[str, float]]],
+    groups: list[str],
+    *,
+    first_column: str = "run",
+    per: str = "op",
+) -> str:
+    """Where the CPU went in each run (label, rate per second, cores busy per
+    process group): cores busy on average, and the server's and PostgreSQL's
+    microseconds of CPU per operation."""
+    lines = [
+        f"| {first_column} | rate | "
+        + " | ".join(f"{g} (cores)" for g in groups)
+        + f" | server CPU per {per} | postgres CPU per {per} |",
+        "|---" * (len(groups) + 4) + "|",
+    ]
+    for label, rate, cores in runs:
+        per_op = [
+            f"{cores[g] / rate * 1e6:,.0f} µs" if rate and g in cores else "-"
+            for g in ("server", "postgres")
+        ]
+        cells = [label, f"{rate:,.0f}/s", *(f"{cores.get(g, 0.0):.2f}" for g in groups)]
+        lines.append("| " + " | ".join([*cells, *per_op]) + " |")
+    return "\n".join(lines)
 
 
 def write_results(

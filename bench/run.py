@@ -40,7 +40,7 @@ from bench.env import (
     serving,
     wait_serving,
 )
-from bench.report import Row, table, write_results
+from bench.report import Row, cpu_table, table, write_results
 from server.auth import issue_token
 from server.content.convert import INSERT_COLUMNS
 from server.settings import Settings
@@ -532,24 +532,14 @@ class Bench:
             await pool.close()
 
     def cpu_table(self) -> str:
-        """Where the CPU went in each measurement: cores busy on average, and
-        microseconds of CPU per operation (per row for ingest)."""
-        groups = ["server", "postgres", "h2load", "bench process"]
-        lines = [
-            "| measurement | rate | " + " | ".join(f"{g} (cores)" for g in groups) + " | "
-            "server CPU per op | postgres CPU per op |",
-            "|---" * (len(groups) + 4) + "|",
-        ]
+        """Where the CPU went in each measurement (per row for ingest)."""
+        runs = []
         for label, cores in self.results.cpu.items():
             key, who = label.split(", ")
-            rate = self.results.measured.get(f"{who}.{key}", 0.0)
-            per_op = [
-                f"{cores.get(g, 0.0) / rate * 1e6:,.0f} µs" if rate and g in cores else "-"
-                for g in ("server", "postgres")
-            ]
-            cells = [label, f"{rate:,.0f}/s", *(f"{cores.get(g, 0.0):.2f}" for g in groups)]
-            lines.append("| " + " | ".join([*cells, *per_op]) + " |")
-        return "\n".join(lines)
+            runs.append((label, self.results.measured.get(f"{who}.{key}", 0.0), cores))
+        return cpu_table(
+            runs, ["server", "postgres", "h2load", "bench process"], first_column="measurement"
+        )
 
     def table_rows(self) -> list[Row]:
         m = self.results.measured

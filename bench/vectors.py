@@ -43,7 +43,7 @@ from bench.env import (
     service_under_test,
     serving,
 )
-from bench.report import Row, write_results
+from bench.report import Row, cpu_table, write_results
 from server import migrate
 from server.auth import issue_token
 from server.embedded import EmbeddedPostgres
@@ -179,21 +179,7 @@ class Results:
     cpu: list[tuple[str, float, dict[str, float]]] = field(default_factory=list)
 
     def cpu_table(self) -> str:
-        groups = ["server", "postgres", "bench process"]
-        lines = [
-            "| run | rate | "
-            + " | ".join(f"{g} (cores)" for g in groups)
-            + " | server CPU per query | postgres CPU per query |",
-            "|---" * (len(groups) + 4) + "|",
-        ]
-        for label, measured, cores in self.cpu:
-            per_query = [
-                f"{cores[g] / measured * 1e6:,.0f} µs" if measured and g in cores else "-"
-                for g in ("server", "postgres")
-            ]
-            cells = [label, f"{measured:,.0f}/s", *(f"{cores.get(g, 0.0):.2f}" for g in groups)]
-            lines.append("| " + " | ".join([*cells, *per_query]) + " |")
-        return "\n".join(lines)
+        return cpu_table(self.cpu, ["server", "postgres", "bench process"], per="query")
 
 
 class Bench:
