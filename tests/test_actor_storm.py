@@ -2,8 +2,6 @@
 processes, each with its own channel and many calls in flight."""
 
 import asyncio
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import grpc
 import pytest
@@ -17,7 +15,7 @@ from tests.actor_helpers import (
     presences_by_actor,
     write_content,
 )
-from tests.helpers import error_details
+from tests.helpers import error_details, in_processes
 
 pytestmark = pytest.mark.asyncio
 PROCESSES = 4
@@ -47,14 +45,8 @@ def fire(port: int, token: str, method: str, requests: list[bytes]) -> list[tupl
 
 
 async def storm(app, caller, method: str, per_process: list[list[bytes]]):
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(PROCESSES, mp_context=get_context("spawn")) as pool:
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(pool, fire, app.port, caller.token, method, requests)
-                for requests in per_process
-            )
-        )
+    calls = [(app.port, caller.token, method, requests) for requests in per_process]
+    results = await in_processes(fire, calls)
     return [outcome for result in results for outcome in result]
 
 

@@ -3,15 +3,13 @@ channel and many calls in flight, racing on one natural key or request_id."""
 
 import asyncio
 import uuid
-from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
-from multiprocessing import get_context
 
 import grpc
 import pytest
 from observatory.v1 import content_pb2, content_pb2_grpc
 
-from tests.helpers import error_details, make_content, new_caller
+from tests.helpers import error_details, in_processes, make_content, new_caller
 
 pytestmark = pytest.mark.asyncio
 PROCESSES = 4
@@ -49,14 +47,8 @@ def storm(
 
 
 async def _storm(app, caller, platform_ids: list[list[str]], request_id: str = ""):
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(PROCESSES, mp_context=get_context("spawn")) as pool:
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(pool, storm, app.port, caller.token, ids, request_id)
-                for ids in platform_ids
-            )
-        )
+    calls = [(app.port, caller.token, ids, request_id) for ids in platform_ids]
+    results = await in_processes(storm, calls)
     return [outcome for result in results for outcome in result]
 
 

@@ -3,14 +3,12 @@ audit, idempotency, and uniqueness under a multi-process storm."""
 
 import asyncio
 import uuid
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 
 import grpc
 import pytest
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 
-from tests.helpers import error_details, expect_rpc_error, new_caller
+from tests.helpers import error_details, expect_rpc_error, in_processes, new_caller
 from tests.vector_helpers import clustered, collection_name, create_collection, items, upsert
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("drop_vector_collections")]
@@ -269,14 +267,7 @@ def storm(port: int, token: str, name: str) -> list[str]:
 async def test_one_name_is_created_once_whoever_races_for_it(app, db):
     caller = new_caller()
     name = collection_name()
-    loop = asyncio.get_running_loop()
-    with ProcessPoolExecutor(PROCESSES, mp_context=get_context("spawn")) as pool:
-        results = await asyncio.gather(
-            *(
-                loop.run_in_executor(pool, storm, app.port, caller.token, name)
-                for _ in range(PROCESSES)
-            )
-        )
+    results = await in_processes(storm, [(app.port, caller.token, name)] * PROCESSES)
     outcomes = [outcome for result in results for outcome in result]
     assert outcomes.count("OK") == 1
     assert outcomes.count("ALREADY_EXISTS:ALREADY_EXISTS") == PROCESSES * CALLS_PER_PROCESS - 1
