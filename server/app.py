@@ -32,6 +32,7 @@ from server.content.service import ContentService
 from server.content.servicer import ContentServicer
 from server.credits.service import CreditService
 from server.credits.servicer import CreditServicer
+from server import uow
 from server.db import Database, create_engine
 from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
@@ -91,6 +92,8 @@ class App:
 
 async def create_server(settings: Settings, database_url: str) -> App:
     db = Database(create_engine(settings, database_url))
+    # TRANSITIONAL: domains move from `db` to units of work one by one.
+    units = uow.Database(db.engine)
     content = ContentService(db)
     server = grpc.aio.server(
         interceptors=[ObservatoryInterceptor(Authenticator(settings))],

@@ -8,9 +8,9 @@ import bisect
 from collections.abc import Awaitable, Callable, Iterator
 
 from observatory.v1 import common_pb2
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server.db import sqlstate
+from server.uow import UnitOfWork
 
 MAX_REPORTED_ERRORS = 10_000
 
@@ -50,7 +50,7 @@ class ItemErrors:
 
 
 async def move_in_halves(
-    conn: AsyncConnection,
+    uow: UnitOfWork,
     move: Callable[[int, int], Awaitable[int]],
     first: int,
     last: int,
@@ -62,7 +62,7 @@ async def move_in_halves(
     `errors` and skipped, so one bad row never costs the good ones. Returns
     the sum of what the successful moves returned."""
     try:
-        async with conn.begin_nested():
+        async with uow.savepoint():
             return await move(first, last)
     except Exception as exc:
         if not is_row_error(exc):
@@ -71,6 +71,6 @@ async def move_in_halves(
             errors.refuse(first, exc)
             return 0
     middle = (first + last) // 2
-    return await move_in_halves(conn, move, first, middle, errors) + await move_in_halves(
-        conn, move, middle + 1, last, errors
+    return await move_in_halves(uow, move, first, middle, errors) + await move_in_halves(
+        uow, move, middle + 1, last, errors
     )

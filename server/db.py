@@ -77,8 +77,13 @@ def create_engine(settings: Settings, database_url: str) -> AsyncEngine:
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid.uuid4()}__"
     return create_async_engine(
         url,
-        pool_size=settings.pool_size,
-        max_overflow=settings.max_overflow,
+        # QueuePool closes an overflow connection as soon as it is returned, so
+        # steady concurrency above pool_size would open and close connections
+        # all the time. Instead the pool opens connections as they are needed,
+        # up to pool_size + max_overflow, and keeps them (pool_recycle bounds
+        # their age).
+        pool_size=settings.pool_size + settings.max_overflow,
+        max_overflow=0,
         pool_timeout=settings.pool_timeout,
         pool_recycle=settings.pool_recycle,
         connect_args=connect_args,
