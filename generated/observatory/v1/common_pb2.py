@@ -24,13 +24,14 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bobservatory/v1/common.proto\x12\x0eobservatory.v1\"9\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*}\n\rDuplicateKind\x12\x1e\n\x1a\x44UPLICATE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44UPLICATE_KIND_URL\x10\x01\x12\x17\n\x13\x44UPLICATE_KIND_HASH\x10\x02\x12\x1b\n\x17\x44UPLICATE_KIND_SEMANTIC\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bobservatory/v1/common.proto\x12\x0eobservatory.v1\"9\n\tItemError\x12\r\n\x05index\x18\x01 \x01(\x03\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t*}\n\rDuplicateKind\x12\x1e\n\x1a\x44UPLICATE_KIND_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44UPLICATE_KIND_URL\x10\x01\x12\x17\n\x13\x44UPLICATE_KIND_HASH\x10\x02\x12\x1b\n\x17\x44UPLICATE_KIND_SEMANTIC\x10\x03\x42k\n\x12org.observatory.v1B\x0b\x43ommonProtoP\x01ZFgithub.com/observatory/observatory/gen/go/observatory/v1;observatoryv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'observatory.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
-  DESCRIPTOR._loaded_options = None
+  _globals['DESCRIPTOR']._loaded_options = None
+  _globals['DESCRIPTOR']._serialized_options = b'\n\022org.observatory.v1B\013CommonProtoP\001ZFgithub.com/observatory/observatory/gen/go/observatory/v1;observatoryv1'
   _globals['_DUPLICATEKIND']._serialized_start=106
   _globals['_DUPLICATEKIND']._serialized_end=231
   _globals['_ITEMERROR']._serialized_start=47

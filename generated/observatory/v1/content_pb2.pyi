@@ -49,6 +49,12 @@ class _ExportFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExportFo
     """
     EXPORT_FORMAT_ARROW_IPC: _ExportFormat.ValueType  # 4
     """Apache Arrow IPC stream format, the same columns and types as Parquet."""
+    EXPORT_FORMAT_XLSX: _ExportFormat.ValueType  # 5
+    """Office Open XML workbook: a header row of Content field names, typed cells
+    (numbers, timestamps in UTC, text; lists and raw_metadata as JSON text) in
+    sheet "content", continuing on "content_2", "content_3", ... past a
+    sheet's limit of 1,048,576 rows (the header row included).
+    """
 
 class ExportFormat(_ExportFormat, metaclass=_ExportFormatEnumTypeWrapper):
     """The file format of an export."""
@@ -73,6 +79,12 @@ groups of at least 16,384 rows (the last one may be smaller).
 """
 EXPORT_FORMAT_ARROW_IPC: ExportFormat.ValueType  # 4
 """Apache Arrow IPC stream format, the same columns and types as Parquet."""
+EXPORT_FORMAT_XLSX: ExportFormat.ValueType  # 5
+"""Office Open XML workbook: a header row of Content field names, typed cells
+(numbers, timestamps in UTC, text; lists and raw_metadata as JSON text) in
+sheet "content", continuing on "content_2", "content_3", ... past a
+sheet's limit of 1,048,576 rows (the header row included).
+"""
 Global___ExportFormat: _TypeAlias = ExportFormat  # noqa: Y015
 
 @_typing.final

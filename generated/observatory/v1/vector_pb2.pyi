@@ -22,6 +22,64 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _Quantization:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuantizationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Quantization.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUANTIZATION_UNSPECIFIED: _Quantization.ValueType  # 0
+    """No quantization: the index holds the vectors themselves (float32 above
+    2,000 dimensions and float16 above 4,000 are still indexed through a
+    reduced-precision or binary-quantized expression and re-ranked exactly).
+    """
+    QUANTIZATION_BINARY: _Quantization.ValueType  # 1
+    """The index is built over binary_quantize(vector) (one bit per value), a
+    fraction of the memory; every search re-ranks oversampling x top_k
+    candidates by exact distance.
+    """
+
+class Quantization(_Quantization, metaclass=_QuantizationEnumTypeWrapper):
+    """How a collection's HNSW index stores vectors."""
+
+QUANTIZATION_UNSPECIFIED: Quantization.ValueType  # 0
+"""No quantization: the index holds the vectors themselves (float32 above
+2,000 dimensions and float16 above 4,000 are still indexed through a
+reduced-precision or binary-quantized expression and re-ranked exactly).
+"""
+QUANTIZATION_BINARY: Quantization.ValueType  # 1
+"""The index is built over binary_quantize(vector) (one bit per value), a
+fraction of the memory; every search re-ranks oversampling x top_k
+candidates by exact distance.
+"""
+Global___Quantization: _TypeAlias = Quantization  # noqa: Y015
+
+class _MetadataIndexType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MetadataIndexTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetadataIndexType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    METADATA_INDEX_TYPE_UNSPECIFIED: _MetadataIndexType.ValueType  # 0
+    METADATA_INDEX_TYPE_KEYWORD: _MetadataIndexType.ValueType  # 1
+    """Strings, booleans and exact values: equals, any_of, exists."""
+    METADATA_INDEX_TYPE_NUMBER: _MetadataIndexType.ValueType  # 2
+    """Numbers: range, equals, any_of."""
+    METADATA_INDEX_TYPE_TIME: _MetadataIndexType.ValueType  # 3
+    """RFC 3339 time strings: time_range."""
+
+class MetadataIndexType(_MetadataIndexType, metaclass=_MetadataIndexTypeEnumTypeWrapper):
+    """The type of a metadata index, and so of the values it serves."""
+
+METADATA_INDEX_TYPE_UNSPECIFIED: MetadataIndexType.ValueType  # 0
+METADATA_INDEX_TYPE_KEYWORD: MetadataIndexType.ValueType  # 1
+"""Strings, booleans and exact values: equals, any_of, exists."""
+METADATA_INDEX_TYPE_NUMBER: MetadataIndexType.ValueType  # 2
+"""Numbers: range, equals, any_of."""
+METADATA_INDEX_TYPE_TIME: MetadataIndexType.ValueType  # 3
+"""RFC 3339 time strings: time_range."""
+Global___MetadataIndexType: _TypeAlias = MetadataIndexType  # noqa: Y015
+
 class _Metric:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -79,6 +137,195 @@ PRECISION_FLOAT16: Precision.ValueType  # 2
 Global___Precision: _TypeAlias = Precision  # noqa: Y015
 
 @_typing.final
+class MetadataIndex(_message.Message):
+    """An index over one metadata key of a collection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The metadata key; dots reach into nested objects."""
+    type: Global___MetadataIndexType.ValueType
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        type: Global___MetadataIndexType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetadataIndex: _TypeAlias = MetadataIndex  # noqa: Y015
+
+@_typing.final
+class Filter(_message.Message):
+    """A metadata filter: every `must` holds, no `must_not` holds, and at least
+    one `should` holds when any is given. Combines with the equality `filter`
+    Struct by AND.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MUST_FIELD_NUMBER: _builtins.int
+    SHOULD_FIELD_NUMBER: _builtins.int
+    MUST_NOT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def must(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
+    @_builtins.property
+    def should(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
+    @_builtins.property
+    def must_not(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]: ...
+    def __init__(
+        self,
+        *,
+        must: _abc.Iterable[Global___Condition] | None = ...,
+        should: _abc.Iterable[Global___Condition] | None = ...,
+        must_not: _abc.Iterable[Global___Condition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["must", b"must", "must_not", b"must_not", "should", b"should"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Filter: _TypeAlias = Filter  # noqa: Y015
+
+@_typing.final
+class Condition(_message.Message):
+    """One test on one metadata key. A condition on a missing key, or on a value of
+    the wrong type, is false and raises no error (so must_not keeps items that
+    lack the key); equals and any_of on an array value match when an element
+    matches. A Condition without a test is INVALID_ARGUMENT.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EQUALS_FIELD_NUMBER: _builtins.int
+    ANY_OF_FIELD_NUMBER: _builtins.int
+    RANGE_FIELD_NUMBER: _builtins.int
+    TIME_RANGE_FIELD_NUMBER: _builtins.int
+    EXISTS_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The metadata key; dots reach into nested objects ("a.b" is key b of a)."""
+    exists: _builtins.bool
+    """The key is present (true) or absent (false)."""
+    @_builtins.property
+    def equals(self) -> _struct_pb2.Value:
+        """The value equals this one (a string, number, bool or null)."""
+
+    @_builtins.property
+    def any_of(self) -> _struct_pb2.ListValue:
+        """The value equals one of these."""
+
+    @_builtins.property
+    def range(self) -> Global___Range:
+        """The value is a number within these bounds."""
+
+    @_builtins.property
+    def time_range(self) -> Global___TimeRange:
+        """The value is an RFC 3339 time within these bounds, compared as instants."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        equals: _struct_pb2.Value | None = ...,
+        any_of: _struct_pb2.ListValue | None = ...,
+        range: Global___Range | None = ...,
+        time_range: Global___TimeRange | None = ...,
+        exists: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["any_of", b"any_of", "equals", b"equals", "exists", b"exists", "range", b"range", "test", b"test", "time_range", b"time_range"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["any_of", b"any_of", "equals", b"equals", "exists", b"exists", "key", b"key", "range", b"range", "test", b"test", "time_range", b"time_range"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_test: _TypeAlias = _typing.Literal["equals", "any_of", "range", "time_range", "exists"]  # noqa: Y015
+    _WhichOneofArgType_test: _TypeAlias = _typing.Literal["test", b"test"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_test) -> _WhichOneofReturnType_test | None: ...
+
+Global___Condition: _TypeAlias = Condition  # noqa: Y015
+
+@_typing.final
+class Range(_message.Message):
+    """Numeric bounds; unset bounds are open."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GT_FIELD_NUMBER: _builtins.int
+    GTE_FIELD_NUMBER: _builtins.int
+    LT_FIELD_NUMBER: _builtins.int
+    LTE_FIELD_NUMBER: _builtins.int
+    gt: _builtins.float
+    gte: _builtins.float
+    lt: _builtins.float
+    lte: _builtins.float
+    def __init__(
+        self,
+        *,
+        gt: _builtins.float | None = ...,
+        gte: _builtins.float | None = ...,
+        lt: _builtins.float | None = ...,
+        lte: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_gt", b"_gt", "_gte", b"_gte", "_lt", b"_lt", "_lte", b"_lte", "gt", b"gt", "gte", b"gte", "lt", b"lt", "lte", b"lte"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_gt", b"_gt", "_gte", b"_gte", "_lt", b"_lt", "_lte", b"_lte", "gt", b"gt", "gte", b"gte", "lt", b"lt", "lte", b"lte"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__gt: _TypeAlias = _typing.Literal["gt"]  # noqa: Y015
+    _WhichOneofArgType__gt: _TypeAlias = _typing.Literal["_gt", b"_gt"]  # noqa: Y015
+    _WhichOneofReturnType__gte: _TypeAlias = _typing.Literal["gte"]  # noqa: Y015
+    _WhichOneofArgType__gte: _TypeAlias = _typing.Literal["_gte", b"_gte"]  # noqa: Y015
+    _WhichOneofReturnType__lt: _TypeAlias = _typing.Literal["lt"]  # noqa: Y015
+    _WhichOneofArgType__lt: _TypeAlias = _typing.Literal["_lt", b"_lt"]  # noqa: Y015
+    _WhichOneofReturnType__lte: _TypeAlias = _typing.Literal["lte"]  # noqa: Y015
+    _WhichOneofArgType__lte: _TypeAlias = _typing.Literal["_lte", b"_lte"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gt) -> _WhichOneofReturnType__gt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__gte) -> _WhichOneofReturnType__gte | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lt) -> _WhichOneofReturnType__lt | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lte) -> _WhichOneofReturnType__lte | None: ...
+
+Global___Range: _TypeAlias = Range  # noqa: Y015
+
+@_typing.final
+class TimeRange(_message.Message):
+    """A half-open time window [after, before); unset bounds are open."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AFTER_FIELD_NUMBER: _builtins.int
+    BEFORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def after(self) -> _timestamp_pb2.Timestamp:
+        """Inclusive."""
+
+    @_builtins.property
+    def before(self) -> _timestamp_pb2.Timestamp:
+        """Exclusive."""
+
+    def __init__(
+        self,
+        *,
+        after: _timestamp_pb2.Timestamp | None = ...,
+        before: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after", b"after", "before", b"before"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimeRange: _TypeAlias = TimeRange  # noqa: Y015
+
+@_typing.final
 class Collection(_message.Message):
     """A named set of items with a fixed dimension and metric."""
 
@@ -92,11 +339,15 @@ class Collection(_message.Message):
     HNSW_EF_CONSTRUCTION_FIELD_NUMBER: _builtins.int
     ITEM_COUNT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    METADATA_INDEXES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """^[a-z][a-z0-9_]{0,62}$, unique per owner. Immutable."""
     dimension: _builtins.int
-    """Values per vector: 1..2000 for FLOAT32, 1..4000 for FLOAT16 (the HNSW
-    limits; the contract's 16000 is pgvector's storage limit).
+    """Values per vector: 1..16000 for every precision. A float32 collection
+    above 2,000 dimensions or a float16 one above 4,000 is indexed through a
+    reduced-precision (halfvec, up to 4,000) or binary-quantized expression
+    index, and its candidates are re-ranked by exact distance.
     """
     metric: Global___Metric.ValueType
     """Default METRIC_COSINE."""
@@ -110,9 +361,15 @@ class Collection(_message.Message):
     """
     item_count: _builtins.int
     """Items stored now. Output only."""
+    quantization: Global___Quantization.ValueType
+    """Default QUANTIZATION_UNSPECIFIED (none)."""
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
+
+    @_builtins.property
+    def metadata_indexes(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetadataIndex]:
+        """The metadata keys indexed by CreateMetadataIndex. Output only."""
 
     def __init__(
         self,
@@ -125,10 +382,12 @@ class Collection(_message.Message):
         hnsw_ef_construction: _builtins.int = ...,
         item_count: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        quantization: Global___Quantization.ValueType = ...,
+        metadata_indexes: _abc.Iterable[Global___MetadataIndex] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dimension", b"dimension", "hnsw_ef_construction", b"hnsw_ef_construction", "hnsw_m", b"hnsw_m", "item_count", b"item_count", "metric", b"metric", "name", b"name", "precision", b"precision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "dimension", b"dimension", "hnsw_ef_construction", b"hnsw_ef_construction", "hnsw_m", b"hnsw_m", "item_count", b"item_count", "metadata_indexes", b"metadata_indexes", "metric", b"metric", "name", b"name", "precision", b"precision", "quantization", b"quantization"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -433,6 +692,10 @@ class SearchSimilarRequest(_message.Message):
     EXACT_FIELD_NUMBER: _builtins.int
     WITH_VECTOR_FIELD_NUMBER: _builtins.int
     WITH_METADATA_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    OVERSAMPLING_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     top_k: _builtins.int
     """Hits wanted: 1..1000, 0 means 10."""
@@ -448,6 +711,17 @@ class SearchSimilarRequest(_message.Message):
     """Include each hit's vector."""
     with_metadata: _builtins.bool
     """Include each hit's metadata."""
+    group_by: _builtins.str
+    """At most group_size hits per distinct value of this metadata key (or of
+    "content_id" or "url"), best first, up to top_k hits in all. Empty: no
+    grouping. Items without the key form no group and are not returned.
+    """
+    group_size: _builtins.int
+    """Hits per group: 0 means 1."""
+    oversampling: _builtins.float
+    """Binary-quantized collections: candidates re-ranked per hit wanted,
+    1..100; 0 means 4.
+    """
     @_builtins.property
     def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """The query vector: exactly `dimension` finite values."""
@@ -457,6 +731,10 @@ class SearchSimilarRequest(_message.Message):
         """Metadata equality: an item matches when its metadata contains every key
         with the same value (JSON containment).
         """
+
+    @_builtins.property
+    def where(self) -> Global___Filter:
+        """Rich metadata conditions; AND-ed with `filter`."""
 
     def __init__(
         self,
@@ -470,10 +748,14 @@ class SearchSimilarRequest(_message.Message):
         exact: _builtins.bool = ...,
         with_vector: _builtins.bool = ...,
         with_metadata: _builtins.bool = ...,
+        where: Global___Filter | None = ...,
+        group_by: _builtins.str = ...,
+        group_size: _builtins.int = ...,
+        oversampling: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_score_threshold", b"_score_threshold", "ef_search", b"ef_search", "filter", b"filter", "score_threshold", b"score_threshold"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_score_threshold", b"_score_threshold", "ef_search", b"ef_search", "filter", b"filter", "score_threshold", b"score_threshold", "where", b"where"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_score_threshold", b"_score_threshold", "collection", b"collection", "ef_search", b"ef_search", "exact", b"exact", "filter", b"filter", "score_threshold", b"score_threshold", "top_k", b"top_k", "vector", b"vector", "with_metadata", b"with_metadata", "with_vector", b"with_vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_score_threshold", b"_score_threshold", "collection", b"collection", "ef_search", b"ef_search", "exact", b"exact", "filter", b"filter", "group_by", b"group_by", "group_size", b"group_size", "oversampling", b"oversampling", "score_threshold", b"score_threshold", "top_k", b"top_k", "vector", b"vector", "where", b"where", "with_metadata", b"with_metadata", "with_vector", b"with_vector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__ef_search: _TypeAlias = _typing.Literal["ef_search"]  # noqa: Y015
     _WhichOneofArgType__ef_search: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search"]  # noqa: Y015
@@ -485,6 +767,271 @@ class SearchSimilarRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
 
 Global___SearchSimilarRequest: _TypeAlias = SearchSimilarRequest  # noqa: Y015
+
+@_typing.final
+class SimilarQuery(_message.Message):
+    """One search of a SearchSimilarBatch; fields as in SearchSimilarRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VECTOR_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    SCORE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    EF_SEARCH_FIELD_NUMBER: _builtins.int
+    EXACT_FIELD_NUMBER: _builtins.int
+    WITH_VECTOR_FIELD_NUMBER: _builtins.int
+    WITH_METADATA_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    GROUP_SIZE_FIELD_NUMBER: _builtins.int
+    OVERSAMPLING_FIELD_NUMBER: _builtins.int
+    top_k: _builtins.int
+    score_threshold: _builtins.float
+    ef_search: _builtins.int
+    exact: _builtins.bool
+    with_vector: _builtins.bool
+    with_metadata: _builtins.bool
+    group_by: _builtins.str
+    group_size: _builtins.int
+    oversampling: _builtins.float
+    @_builtins.property
+    def vector(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def filter(self) -> _struct_pb2.Struct: ...
+    @_builtins.property
+    def where(self) -> Global___Filter: ...
+    def __init__(
+        self,
+        *,
+        vector: _abc.Iterable[_builtins.float] | None = ...,
+        top_k: _builtins.int = ...,
+        score_threshold: _builtins.float | None = ...,
+        filter: _struct_pb2.Struct | None = ...,
+        where: Global___Filter | None = ...,
+        ef_search: _builtins.int | None = ...,
+        exact: _builtins.bool = ...,
+        with_vector: _builtins.bool = ...,
+        with_metadata: _builtins.bool = ...,
+        group_by: _builtins.str = ...,
+        group_size: _builtins.int = ...,
+        oversampling: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_score_threshold", b"_score_threshold", "ef_search", b"ef_search", "filter", b"filter", "score_threshold", b"score_threshold", "where", b"where"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search", "_score_threshold", b"_score_threshold", "ef_search", b"ef_search", "exact", b"exact", "filter", b"filter", "group_by", b"group_by", "group_size", b"group_size", "oversampling", b"oversampling", "score_threshold", b"score_threshold", "top_k", b"top_k", "vector", b"vector", "where", b"where", "with_metadata", b"with_metadata", "with_vector", b"with_vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__ef_search: _TypeAlias = _typing.Literal["ef_search"]  # noqa: Y015
+    _WhichOneofArgType__ef_search: _TypeAlias = _typing.Literal["_ef_search", b"_ef_search"]  # noqa: Y015
+    _WhichOneofReturnType__score_threshold: _TypeAlias = _typing.Literal["score_threshold"]  # noqa: Y015
+    _WhichOneofArgType__score_threshold: _TypeAlias = _typing.Literal["_score_threshold", b"_score_threshold"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__ef_search) -> _WhichOneofReturnType__ef_search | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__score_threshold) -> _WhichOneofReturnType__score_threshold | None: ...
+
+Global___SimilarQuery: _TypeAlias = SimilarQuery  # noqa: Y015
+
+@_typing.final
+class SearchSimilarBatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    SEARCHES_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    @_builtins.property
+    def searches(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarQuery]:
+        """1..100 searches."""
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        searches: _abc.Iterable[Global___SimilarQuery] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "searches", b"searches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchSimilarBatchRequest: _TypeAlias = SearchSimilarBatchRequest  # noqa: Y015
+
+@_typing.final
+class SimilarHits(_message.Message):
+    """The hits of one search, best first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hits(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoredItem]: ...
+    def __init__(
+        self,
+        *,
+        hits: _abc.Iterable[Global___ScoredItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hits", b"hits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SimilarHits: _TypeAlias = SimilarHits  # noqa: Y015
+
+@_typing.final
+class SearchSimilarBatchResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SimilarHits]:
+        """One per search, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SimilarHits] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchSimilarBatchResponse: _TypeAlias = SearchSimilarBatchResponse  # noqa: Y015
+
+@_typing.final
+class ListItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    WITH_VECTOR_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    page_size: _builtins.int
+    """0 means 50; values above 1000 are clamped to 1000."""
+    page_token: _builtins.str
+    with_vector: _builtins.bool
+    """Include each item's vector."""
+    @_builtins.property
+    def where(self) -> Global___Filter:
+        """Only items matching these conditions."""
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        where: Global___Filter | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        with_vector: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["where", b"where"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "page_size", b"page_size", "page_token", b"page_token", "where", b"where", "with_vector", b"with_vector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListItemsRequest: _TypeAlias = ListItemsRequest  # noqa: Y015
+
+@_typing.final
+class ListItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___Item]:
+        """By id."""
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___Item] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListItemsResponse: _TypeAlias = ListItemsResponse  # noqa: Y015
+
+@_typing.final
+class CountItemsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    @_builtins.property
+    def where(self) -> Global___Filter:
+        """Only items matching these conditions; unset counts every item."""
+
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        where: Global___Filter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["where", b"where"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountItemsRequest: _TypeAlias = CountItemsRequest  # noqa: Y015
+
+@_typing.final
+class CountItemsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountItemsResponse: _TypeAlias = CountItemsResponse  # noqa: Y015
+
+@_typing.final
+class CreateMetadataIndexRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COLLECTION_FIELD_NUMBER: _builtins.int
+    KEY_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    collection: _builtins.str
+    key: _builtins.str
+    """The metadata key; dots reach into nested objects."""
+    type: Global___MetadataIndexType.ValueType
+    def __init__(
+        self,
+        *,
+        collection: _builtins.str = ...,
+        key: _builtins.str = ...,
+        type: Global___MetadataIndexType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "key", b"key", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateMetadataIndexRequest: _TypeAlias = CreateMetadataIndexRequest  # noqa: Y015
 
 @_typing.final
 class ScoredItem(_message.Message):
@@ -530,6 +1077,7 @@ class SearchTextRequest(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     TOP_K_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     query: _builtins.str
     """Web-search syntax ("quoted phrase", -exclude, OR); words are matched
@@ -541,6 +1089,10 @@ class SearchTextRequest(_message.Message):
     def filter(self) -> _struct_pb2.Struct:
         """Metadata equality, as in SearchSimilarRequest."""
 
+    @_builtins.property
+    def where(self) -> Global___Filter:
+        """Rich metadata conditions; AND-ed with `filter`."""
+
     def __init__(
         self,
         *,
@@ -548,10 +1100,11 @@ class SearchTextRequest(_message.Message):
         query: _builtins.str = ...,
         top_k: _builtins.int = ...,
         filter: _struct_pb2.Struct | None = ...,
+        where: Global___Filter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "where", b"where"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "query", b"query", "top_k", b"top_k"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "query", b"query", "top_k", b"top_k", "where", b"where"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -567,6 +1120,7 @@ class HybridSearchRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     RRF_K_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
     collection: _builtins.str
     query: _builtins.str
     """The text query, as in SearchTextRequest. Required."""
@@ -584,6 +1138,10 @@ class HybridSearchRequest(_message.Message):
     def filter(self) -> _struct_pb2.Struct:
         """Metadata equality, as in SearchSimilarRequest."""
 
+    @_builtins.property
+    def where(self) -> Global___Filter:
+        """Rich metadata conditions; AND-ed with `filter`."""
+
     def __init__(
         self,
         *,
@@ -593,10 +1151,11 @@ class HybridSearchRequest(_message.Message):
         top_k: _builtins.int = ...,
         filter: _struct_pb2.Struct | None = ...,
         rrf_k: _builtins.int = ...,
+        where: Global___Filter | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "where", b"where"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "query", b"query", "rrf_k", b"rrf_k", "top_k", b"top_k", "vector", b"vector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["collection", b"collection", "filter", b"filter", "query", b"query", "rrf_k", b"rrf_k", "top_k", b"top_k", "vector", b"vector", "where", b"where"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -93,6 +93,26 @@ class VectorServiceStub:
                 request_serializer=observatory_dot_v1_dot_vector__pb2.CheckDuplicateRequest.SerializeToString,
                 response_deserializer=observatory_dot_v1_dot_vector__pb2.CheckDuplicateResponse.FromString,
                 _registered_method=True)
+        self.SearchSimilarBatch = channel.unary_unary(
+                '/observatory.v1.VectorService/SearchSimilarBatch',
+                request_serializer=observatory_dot_v1_dot_vector__pb2.SearchSimilarBatchRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_vector__pb2.SearchSimilarBatchResponse.FromString,
+                _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/observatory.v1.VectorService/ListItems',
+                request_serializer=observatory_dot_v1_dot_vector__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_vector__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
+        self.CountItems = channel.unary_unary(
+                '/observatory.v1.VectorService/CountItems',
+                request_serializer=observatory_dot_v1_dot_vector__pb2.CountItemsRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_vector__pb2.CountItemsResponse.FromString,
+                _registered_method=True)
+        self.CreateMetadataIndex = channel.unary_unary(
+                '/observatory.v1.VectorService/CreateMetadataIndex',
+                request_serializer=observatory_dot_v1_dot_vector__pb2.CreateMetadataIndexRequest.SerializeToString,
+                response_deserializer=observatory_dot_v1_dot_vector__pb2.Collection.FromString,
+                _registered_method=True)
 
 
 class VectorServiceServicer:
@@ -182,6 +202,37 @@ class VectorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchSimilarBatch(self, request, context):
+        """Many similarity searches in one call (1..100), answered in request order;
+        each result equals what SearchSimilar returns for that query.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """Scrolls through the items that match `where`, by id, in keyset pages:
+        every matching item once, also while items are upserted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CountItems(self, request, context):
+        """The exact number of items that match `where`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateMetadataIndex(self, request, context):
+        """Indexes a metadata key for this collection, so that `where` conditions on
+        it are index-backed. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VectorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -239,6 +290,26 @@ def add_VectorServiceServicer_to_server(servicer, server):
                     servicer.CheckDuplicate,
                     request_deserializer=observatory_dot_v1_dot_vector__pb2.CheckDuplicateRequest.FromString,
                     response_serializer=observatory_dot_v1_dot_vector__pb2.CheckDuplicateResponse.SerializeToString,
+            ),
+            'SearchSimilarBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchSimilarBatch,
+                    request_deserializer=observatory_dot_v1_dot_vector__pb2.SearchSimilarBatchRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_vector__pb2.SearchSimilarBatchResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=observatory_dot_v1_dot_vector__pb2.ListItemsRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_vector__pb2.ListItemsResponse.SerializeToString,
+            ),
+            'CountItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.CountItems,
+                    request_deserializer=observatory_dot_v1_dot_vector__pb2.CountItemsRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_vector__pb2.CountItemsResponse.SerializeToString,
+            ),
+            'CreateMetadataIndex': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateMetadataIndex,
+                    request_deserializer=observatory_dot_v1_dot_vector__pb2.CreateMetadataIndexRequest.FromString,
+                    response_serializer=observatory_dot_v1_dot_vector__pb2.Collection.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -541,6 +612,114 @@ class VectorService:
             '/observatory.v1.VectorService/CheckDuplicate',
             observatory_dot_v1_dot_vector__pb2.CheckDuplicateRequest.SerializeToString,
             observatory_dot_v1_dot_vector__pb2.CheckDuplicateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchSimilarBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.VectorService/SearchSimilarBatch',
+            observatory_dot_v1_dot_vector__pb2.SearchSimilarBatchRequest.SerializeToString,
+            observatory_dot_v1_dot_vector__pb2.SearchSimilarBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.VectorService/ListItems',
+            observatory_dot_v1_dot_vector__pb2.ListItemsRequest.SerializeToString,
+            observatory_dot_v1_dot_vector__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CountItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.VectorService/CountItems',
+            observatory_dot_v1_dot_vector__pb2.CountItemsRequest.SerializeToString,
+            observatory_dot_v1_dot_vector__pb2.CountItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateMetadataIndex(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/observatory.v1.VectorService/CreateMetadataIndex',
+            observatory_dot_v1_dot_vector__pb2.CreateMetadataIndexRequest.SerializeToString,
+            observatory_dot_v1_dot_vector__pb2.Collection.FromString,
             options,
             channel_credentials,
             insecure,

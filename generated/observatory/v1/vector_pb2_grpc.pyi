@@ -66,6 +66,20 @@ class VectorServiceStub:
     """Whether an item like this one is already stored: same normalised URL
     first, then a nearest neighbour by cosine similarity.
     """
+    SearchSimilarBatch: _grpc.UnaryUnaryMultiCallable[_vector_pb2.SearchSimilarBatchRequest, _vector_pb2.SearchSimilarBatchResponse]
+    """Many similarity searches in one call (1..100), answered in request order;
+    each result equals what SearchSimilar returns for that query.
+    """
+    ListItems: _grpc.UnaryUnaryMultiCallable[_vector_pb2.ListItemsRequest, _vector_pb2.ListItemsResponse]
+    """Scrolls through the items that match `where`, by id, in keyset pages:
+    every matching item once, also while items are upserted.
+    """
+    CountItems: _grpc.UnaryUnaryMultiCallable[_vector_pb2.CountItemsRequest, _vector_pb2.CountItemsResponse]
+    """The exact number of items that match `where`."""
+    CreateMetadataIndex: _grpc.UnaryUnaryMultiCallable[_vector_pb2.CreateMetadataIndexRequest, _vector_pb2.Collection]
+    """Indexes a metadata key for this collection, so that `where` conditions on
+    it are index-backed. Idempotent.
+    """
 
 @_typing.type_check_only
 class VectorServiceAsyncStub(VectorServiceStub):
@@ -103,6 +117,20 @@ class VectorServiceAsyncStub(VectorServiceStub):
     CheckDuplicate: _aio.UnaryUnaryMultiCallable[_vector_pb2.CheckDuplicateRequest, _vector_pb2.CheckDuplicateResponse]  # type: ignore[assignment]
     """Whether an item like this one is already stored: same normalised URL
     first, then a nearest neighbour by cosine similarity.
+    """
+    SearchSimilarBatch: _aio.UnaryUnaryMultiCallable[_vector_pb2.SearchSimilarBatchRequest, _vector_pb2.SearchSimilarBatchResponse]  # type: ignore[assignment]
+    """Many similarity searches in one call (1..100), answered in request order;
+    each result equals what SearchSimilar returns for that query.
+    """
+    ListItems: _aio.UnaryUnaryMultiCallable[_vector_pb2.ListItemsRequest, _vector_pb2.ListItemsResponse]  # type: ignore[assignment]
+    """Scrolls through the items that match `where`, by id, in keyset pages:
+    every matching item once, also while items are upserted.
+    """
+    CountItems: _aio.UnaryUnaryMultiCallable[_vector_pb2.CountItemsRequest, _vector_pb2.CountItemsResponse]  # type: ignore[assignment]
+    """The exact number of items that match `where`."""
+    CreateMetadataIndex: _aio.UnaryUnaryMultiCallable[_vector_pb2.CreateMetadataIndexRequest, _vector_pb2.Collection]  # type: ignore[assignment]
+    """Indexes a metadata key for this collection, so that `where` conditions on
+    it are index-backed. Idempotent.
     """
 
 class VectorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -204,6 +232,44 @@ class VectorServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_vector_pb2.CheckDuplicateResponse, _abc.Awaitable[_vector_pb2.CheckDuplicateResponse]]:
         """Whether an item like this one is already stored: same normalised URL
         first, then a nearest neighbour by cosine similarity.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchSimilarBatch(
+        self,
+        request: _vector_pb2.SearchSimilarBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vector_pb2.SearchSimilarBatchResponse, _abc.Awaitable[_vector_pb2.SearchSimilarBatchResponse]]:
+        """Many similarity searches in one call (1..100), answered in request order;
+        each result equals what SearchSimilar returns for that query.
+        """
+
+    @_abc_1.abstractmethod
+    def ListItems(
+        self,
+        request: _vector_pb2.ListItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vector_pb2.ListItemsResponse, _abc.Awaitable[_vector_pb2.ListItemsResponse]]:
+        """Scrolls through the items that match `where`, by id, in keyset pages:
+        every matching item once, also while items are upserted.
+        """
+
+    @_abc_1.abstractmethod
+    def CountItems(
+        self,
+        request: _vector_pb2.CountItemsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vector_pb2.CountItemsResponse, _abc.Awaitable[_vector_pb2.CountItemsResponse]]:
+        """The exact number of items that match `where`."""
+
+    @_abc_1.abstractmethod
+    def CreateMetadataIndex(
+        self,
+        request: _vector_pb2.CreateMetadataIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_vector_pb2.Collection, _abc.Awaitable[_vector_pb2.Collection]]:
+        """Indexes a metadata key for this collection, so that `where` conditions on
+        it are index-backed. Idempotent.
         """
 
 def add_VectorServiceServicer_to_server(servicer: VectorServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
