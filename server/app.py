@@ -33,7 +33,7 @@ from server.content.servicer import ContentServicer
 from server.credits.service import CreditService
 from server.credits.servicer import CreditServicer
 from server import uow
-from server.db import Database, create_engine
+from server.db import Database, connect_directly, create_engine
 from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
 from server.periodic import Periodic
@@ -75,6 +75,7 @@ class App:
     server: grpc.aio.Server
     port: int
     db: Database
+    units: uow.Database
     monitor: HealthMonitor
     content: ContentService
     maintenance: Periodic
@@ -87,13 +88,13 @@ class App:
         await self.maintenance.stop()
         await self.credit_expiry.stop()
         await self.server.stop(grace)
-        await self.db.dispose()
+        await self.units.dispose()
 
 
 async def create_server(settings: Settings, database_url: str) -> App:
     db = Database(create_engine(settings, database_url))
     # TRANSITIONAL: domains move from `db` to units of work one by one.
-    units = uow.Database(db.engine)
+    units = uow.Database(db.engine, lambda: connect_directly(database_url))
     content = ContentService(db)
     server = grpc.aio.server(
         interceptors=[ObservatoryInterceptor(Authenticator(settings))],
@@ -117,7 +118,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
             server,
         )
     port = server.add_insecure_port(settings.listen)
-    monitor = HealthMonitor(db, health, SERVICE_NAMES, settings.health_interval)
+    monitor = HealthMonitor(units, health, SERVICE_NAMES, settings.health_interval)
     await monitor.probe()
     await server.start()
     monitor.start()
@@ -133,6 +134,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
         server=server,
         port=port,
         db=db,
+        units=units,
         monitor=monitor,
         content=content,
         maintenance=maintenance,

@@ -60,6 +60,14 @@ def normalize_database_url(raw: str) -> tuple[URL, dict[str, Any]]:
     return url.set(drivername="postgresql+asyncpg", query=query), connect_args
 
 
+async def connect_directly(database_url: str) -> asyncpg.Connection:
+    """A driver connection of its own, outside the pool (for the health probe)."""
+    url, connect_args = normalize_database_url(database_url)
+    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    connection: asyncpg.Connection = await asyncpg.connect(dsn, **connect_args)
+    return connection
+
+
 def wants_pgbouncer(raw: str) -> bool:
     """`?pgbouncer=true` in the URL, the convention other tools use."""
     flag = make_url(raw.replace("postgres://", "postgresql://", 1)).query.get("pgbouncer", "")

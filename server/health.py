@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
-from server.db import Database
 from server.periodic import Periodic
+from server.uow import Database
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers
+    and taskset narrow), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class Settings(BaseSettings):
@@ -24,7 +34,7 @@ class Settings(BaseSettings):
     pool_recycle: int = Field(3600, alias="DATABASE_POOL_RECYCLE")
     # PgBouncer in transaction mode cannot keep prepared statements.
     pgbouncer: bool = Field(False, alias="DATABASE_PGBOUNCER")
-    workers: int = Field(1, alias="OBSERVATORY_WORKERS", ge=1)
+    workers: int = Field(default_factory=usable_cpus, alias="OBSERVATORY_WORKERS", ge=1)
     reflection: bool = Field(True, alias="OBSERVATORY_REFLECTION")
     health_interval: float = Field(1.0, alias="OBSERVATORY_HEALTH_INTERVAL", gt=0)
     shutdown_grace: float = Field(10.0, alias="OBSERVATORY_SHUTDOWN_GRACE", ge=0)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -113,8 +113,14 @@ class Database:
     """Hands out units of work from one pool. Nothing else in the code base
     begins, commits or rolls back a transaction."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        connect_directly: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+    ) -> None:
         self.engine = engine
+        self._connect_directly = connect_directly
+        self._probe: asyncpg.Connection | None = None
 
     def read(self) -> Any:
         """`async with db.read() as uow`: single-statement reads, no transaction."""
@@ -181,8 +187,24 @@ class Database:
         return self.engine.pool
 
     async def ping(self) -> None:
-        async with self.read() as uow:
-            await uow.driver.execute("SELECT 1")
+        """`SELECT 1` on a connection of the probe's own, outside the pool, so
+        callers who hold every pooled connection never make the database look
+        down (without `connect_directly`, through the pool)."""
+        if self._connect_directly is None:
+            async with self.read() as uow:
+                await uow.driver.execute("SELECT 1")
+            return
+        if self._probe is None or self._probe.is_closed():
+            self._probe = await self._connect_directly()
+        try:
+            await self._probe.execute("SELECT 1")
+        except BaseException:
+            probe, self._probe = self._probe, None
+            probe.terminate()
+            raise
 
     async def dispose(self) -> None:
+        if self._probe is not None:
+            self._probe.terminate()
+            self._probe = None
         await self.engine.dispose()

@@ -1,5 +1,7 @@
 """Database URL normalisation and settings from the environment."""
 
+import os
+
 import pytest
 
 from server.db import normalize_database_url
@@ -83,3 +85,8 @@ def test_settings_defaults_match_the_contract(monkeypatch):
         30,
         3600,
     )
+
+
+def test_workers_default_to_the_cpus_the_process_may_use(monkeypatch):
+    monkeypatch.delenv("OBSERVATORY_WORKERS", raising=False)
+    assert Settings().workers == len(os.sched_getaffinity(0))

@@ -1,0 +1,146 @@
+"""server.uow: one connection and at most one transaction per unit of work."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from sqlalchemy import text
+
+from server import errors
+from server.db import connect_directly, create_engine
+from server.uow import Database
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.asyncio
+
+
+@pytest_asyncio.fixture
+async def units(database_url: str) -> AsyncIterator[Database]:
+    database = Database(
+        create_engine(make_settings(), database_url), lambda: connect_directly(database_url)
+    )
+    async with database.write() as uow:
+        await uow.driver.execute("CREATE TABLE IF NOT EXISTS uow_probe (n int)")
+        await uow.driver.execute("TRUNCATE uow_probe")
+    yield database
+    async with database.write() as uow:
+        await uow.driver.execute("DROP TABLE uow_probe")
+    await database.dispose()
+
+
+async def test_read_runs_outside_any_transaction(units):
+    async with units.read() as uow:
+        assert not uow.driver.is_in_transaction()
+        # Autocommit: each statement commits on its own, nothing to roll back.
+        await uow.driver.execute("INSERT INTO uow_probe VALUES (1)")
+    async with units.read() as uow:
+        assert await uow.driver.fetchval("SELECT count(*) FROM uow_probe") == 1
+
+
+async def test_snapshot_is_one_read_only_repeatable_read_transaction(units, db):
+    async with units.snapshot() as uow:
+        settings = (
+            await uow.conn.execute(
+                text(
+                    "SELECT current_setting('transaction_isolation'), "
+                    "current_setting('transaction_read_only')"
+                )
+            )
+        ).one()
+        assert tuple(settings) == ("repeatable read", "on")
+        before = await uow.driver.fetchval("SELECT count(*) FROM uow_probe")
+        await db.execute("INSERT INTO uow_probe VALUES (1)")  # another session commits
+        # SQLAlchemy and the driver see the same snapshot, which predates it.
+        assert await uow.driver.fetchval("SELECT count(*) FROM uow_probe") == before
+        assert (await uow.conn.execute(text("SELECT count(*) FROM uow_probe"))).scalar() == before
+        with pytest.raises(asyncpg.ReadOnlySQLTransactionError):
+            await uow.driver.execute("INSERT INTO uow_probe VALUES (2)")
+
+
+async def test_write_commits_core_and_driver_statements_together(units, db):
+    async with units.write() as uow:
+        await uow.conn.execute(text("INSERT INTO uow_probe VALUES (1)"))
+        await uow.driver.execute("INSERT INTO uow_probe VALUES (2)")
+        assert await db.fetchval("SELECT count(*) FROM uow_probe") == 0  # not yet visible
+    assert await db.fetchval("SELECT count(*) FROM uow_probe") == 2
+
+
+async def test_write_rolls_back_everything_on_an_error(units, db):
+    with pytest.raises(errors.NotFound):
+        async with units.write() as uow:
+            await uow.conn.execute(text("INSERT INTO uow_probe VALUES (1)"))
+            await uow.driver.execute("INSERT INTO uow_probe VALUES (2)")
+            raise errors.NotFound("gone")
+    assert await db.fetchval("SELECT count(*) FROM uow_probe") == 0
+    assert units.pool.checkedout() == 0
+
+
+async def test_savepoint_undoes_only_its_own_statements(units, db):
+    async with units.write() as uow:
+        await uow.driver.execute("INSERT INTO uow_probe VALUES (1)")
+        with pytest.raises(asyncpg.DivisionByZeroError):
+            async with uow.savepoint():
+                await uow.driver.execute("INSERT INTO uow_probe VALUES (2)")
+                await uow.driver.execute("SELECT 1 / 0")
+    assert await db.fetchval("SELECT array_agg(n) FROM uow_probe") == [1]
+
+
+async def test_a_statement_error_keeps_the_connection(units):
+    async with units.write() as uow:
+        first = uow.driver
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        async with units.write() as uow:
+            await uow.driver.execute("SELECT 1 / 0")
+    async with units.read() as uow:
+        assert uow.driver is first
+        assert not uow.driver.is_in_transaction()
+
+
+async def test_cancelled_mid_statement_discards_the_connection(units):
+    async def slow() -> None:
+        async with units.write() as uow:
+            await uow.driver.execute("SELECT pg_sleep(30)")
+
+    task = asyncio.create_task(slow())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert units.pool.checkedout() == 0
+    async with units.read() as uow:  # the pool still serves
+        assert await uow.driver.fetchval("SELECT 1") == 1
+
+
+async def test_session_settings_are_remembered_per_connection(units):
+    async with units.read() as uow:
+        await uow.use_settings({"work_mem": "7MB"})
+        assert await uow.driver.fetchval("SHOW work_mem") == "7MB"
+        await uow.driver.execute("SET work_mem = '5MB'")  # behind its back
+        await uow.use_settings({"work_mem": "7MB"})  # remembered: no round trip
+        assert await uow.driver.fetchval("SHOW work_mem") == "5MB"
+        await uow.use_settings({"work_mem": "9MB"})
+        assert await uow.driver.fetchval("SHOW work_mem") == "9MB"
+
+
+async def test_session_settings_in_a_rolled_back_unit_are_forgotten(units):
+    with pytest.raises(errors.Aborted):
+        async with units.snapshot() as uow:
+            await uow.use_settings({"work_mem": "11MB"})
+            raise errors.Aborted("conflict")
+    async with units.read() as uow:
+        assert await uow.driver.fetchval("SHOW work_mem") != "11MB"
+        await uow.use_settings({"work_mem": "11MB"})  # so it is set again
+        assert await uow.driver.fetchval("SHOW work_mem") == "11MB"
+
+
+async def test_ping_uses_a_connection_outside_the_pool(units):
+    held = [await units.engine.connect() for _ in range(units.pool.size())]
+    try:
+        await asyncio.wait_for(units.ping(), 5)
+    finally:
+        for conn in held:
+            await conn.close()
