@@ -1,4 +1,4 @@
-"""Operator tools: the audit log and the credit ledger's check."""
+"""Operator tools: the audit log and the credit ledger's check. Admins only."""
 
 from __future__ import annotations
 
@@ -10,38 +10,43 @@ from observatory.v1 import admin_pb2
 from server import pagination
 from server.audit import AuditRepository
 from server.auth import Principal
-from server.credits.service import verify_ledger
-from server.db import Database
-from server.protoconv import dict_to_struct, optional_uuid, set_timestamp, timestamp_field
+from server.credits.service import CreditService
+from server.protoconv import dict_to_struct, set_timestamp
+from server.uow import UnitOfWork
 
 
 class AdminService:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+    def __init__(self, credits: CreditService) -> None:
+        self._credits = credits
 
     async def list_audit_log(
-        self, caller: Principal, request: admin_pb2.ListAuditLogRequest
+        self,
+        uow: UnitOfWork,
+        caller: Principal,
+        request: admin_pb2.ListAuditLogRequest,
+        *,
+        user_id: uuid.UUID | None,
+        after: datetime | None,
+        before: datetime | None,
+        size: int,
     ) -> admin_pb2.ListAuditLogResponse:
+        """A page of entries newest first, filtered by `request`'s user,
+        action and [after, before) window (parsed into the keyword arguments)."""
         caller.require_admin()
-        user_id = optional_uuid(request.user_id, "user_id")
-        after = timestamp_field(request, "after")
-        before = timestamp_field(request, "before")
-        size = pagination.page_size(request.page_size)
         token_query = pagination.fingerprint(
             "ListAuditLog", request.user_id, request.action, str(after), str(before)
         )
         page_after = pagination.decode_token(
             request.page_token, token_query, datetime.fromisoformat, uuid.UUID
         )
-        async with self._db.read() as conn:
-            rows = await AuditRepository(conn).list(
-                user_id=user_id,
-                action=request.action or None,
-                after=after,
-                before=before,
-                page_after=page_after,
-                limit=size + 1,
-            )
+        rows = await AuditRepository(uow.conn).list(
+            user_id=user_id,
+            action=request.action or None,
+            after=after,
+            before=before,
+            page_after=page_after,
+            limit=size + 1,
+        )
         response = admin_pb2.ListAuditLogResponse()
         for row in rows[:size]:
             entry = response.entries.add(
@@ -58,7 +63,7 @@ class AdminService:
         return response
 
     async def verify_ledger(
-        self, caller: Principal, request: admin_pb2.VerifyLedgerRequest
+        self, uow: UnitOfWork, caller: Principal, user_id: uuid.UUID | None
     ) -> admin_pb2.VerifyLedgerResponse:
         caller.require_admin()
-        return await verify_ledger(self._db, request)
+        return await self._credits.verify_ledger(uow, user_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from observatory.v1 import credit_pb2
@@ -42,17 +42,14 @@ def allocation(row: Mapping[Any, Any]) -> credit_pb2.Allocation:
 
 
 def reservation(row: Mapping[Any, Any]) -> credit_pb2.Reservation:
-    """A pending reservation past its expire_time shows as EXPIRED: it no
-    longer counts, whether or not the sweeper has written its entry yet."""
-    status = row["status"]
-    if status == "PENDING" and row["expire_time"] <= datetime.now(UTC):
-        status = "EXPIRED"
+    """A reservation as a mutation answered it (and answers a retry): the
+    status it had then."""
     message = credit_pb2.Reservation(
         id=str(row["id"]),
         user_id=str(row["user_id"]),
         amount=row["amount"],
         settled_amount=row["settled_amount"],
-        status=_STATUS[status],
+        status=_STATUS[row["status"]],
         reference=row["reference"],
     )
     set_timestamp(message.expire_time, row["expire_time"])

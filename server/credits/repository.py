@@ -1,61 +1,71 @@
 """All SQL for the credit ledger. Never commits: the caller's unit of work does.
 
-`post` is the only code that writes ledger entries or changes a balance row,
-and it does both in one go, so the two stay in step."""
+Each mutation is one call of its server-side function (migration 0006:
+`credit_grant`, `credit_reserve`, `credit_resolve`, `credit_expire_lapsed`),
+which claims the request_id, takes the account's row lock, checks the rule,
+appends the ledger entries and moves the balance row together, writes the
+audit entry and stores the answer. One statement: on a unit without a
+transaction it is its own transaction, with no BEGIN/COMMIT round trips.
+The functions refuse with SQLSTATEs of class OC, translated here into the
+service's errors.
+"""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import asyncpg
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
-    Interval,
-    Select,
-    and_,
+    Integer,
+    Text,
     bindparam,
     case,
     func,
     literal_column,
-    or_,
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server import errors
 from server.credits.tables import (
     DEFAULT_ARENA,
     credit_accounts,
-    credit_allocations,
     credit_entries,
     credit_rates,
     credit_reservations,
 )
-from server.db import PreparedStatement, driver_connection
-
-# The sweeper's lock: one sweep at a time across every worker and server.
-EXPIRY_LOCK = "observatory.credit_expiry"
+from server.db import PreparedStatement
+from server.uow import UnitOfWork
 
 _accounts = credit_accounts.c
 _reservations = credit_reservations.c
-_allocations = credit_allocations.c
 _entries = credit_entries.c
+_ZERO: ColumnElement[Any] = literal_column("0")
+
+# What the functions raise (see migration 0006).
+INSUFFICIENT_CREDITS = "OC001"
+SETTLE_EXCEEDS_RESERVED = "OC002"
+RESERVATION_NOT_PENDING = "OC003"
+RESERVATION_NOT_FOUND = "OC004"
+REQUEST_ID_REUSED = "OC005"
+GRANT_OVERFLOW = "OC006"
 
 
 @dataclass(frozen=True, slots=True)
-class Entry:
-    """A ledger entry about to be appended."""
+class RequestKey:
+    """An AIP-155 request_id and the digest of the payload it was sent with."""
 
-    kind: str
-    amount: int
-    reservation_id: uuid.UUID | None = None
-    allocation_id: uuid.UUID | None = None
-    reference: str = ""
+    request_id: uuid.UUID
+    digest: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +81,17 @@ class AccountState:
     lapsed: int
     as_of: datetime
 
+    @classmethod
+    def of(cls, row: asyncpg.Record) -> AccountState:
+        return cls(
+            granted=row["granted"],
+            reserved=row["reserved"],
+            settled=row["settled"],
+            allocated=row["allocated"],
+            lapsed=row["lapsed"],
+            as_of=row["as_of"],
+        )
+
     @property
     def held(self) -> int:
         return self.reserved - self.lapsed
@@ -80,240 +101,209 @@ class AccountState:
         return max(0, self.allocated - self.held - self.settled)
 
 
-# Constants written into the SQL, not bound: the prepared statements bind only
-# their named parameters.
-_PENDING: ColumnElement[Any] = literal_column("'PENDING'")
-_ZERO: ColumnElement[Any] = literal_column("0")
-
-
-def _pending_lapsed(at: ColumnElement[Any]) -> ColumnElement[bool]:
-    return and_(_reservations.status == _PENDING, _reservations.expire_time <= at)
-
-
-_NOW = func.statement_timestamp()
-_USER = bindparam("user_id", type_=UUID(as_uuid=True))
-_STATE = PreparedStatement(
-    select(
-        _accounts.granted,
-        _accounts.reserved,
-        _accounts.settled,
-        select(func.coalesce(func.sum(_allocations.amount), _ZERO))
-        .where(
-            _allocations.user_id == _USER,
-            _allocations.valid_from <= _NOW,
-            or_(_allocations.valid_until.is_(None), _allocations.valid_until > _NOW),
-        )
-        .scalar_subquery()
-        .label("allocated"),
-        select(func.coalesce(func.sum(_reservations.amount), _ZERO))
-        .where(_reservations.user_id == _USER, _pending_lapsed(_NOW))
-        .scalar_subquery()
-        .label("lapsed"),
-        _NOW.label("as_of"),
-    ).where(_accounts.user_id == _USER)
+_BALANCES = PreparedStatement(
+    text("SELECT * FROM credit_balances(CAST(:user_ids AS uuid[]), statement_timestamp())")
 )
-_INSERT_RESERVATION = PreparedStatement(
-    credit_reservations.insert()
-    .values(
-        user_id=_USER,
-        amount=bindparam("amount"),
-        reference=bindparam("reference"),
-        expire_time=func.now() + bindparam("ttl", type_=Interval),
+_GRANT = PreparedStatement(
+    text(
+        "SELECT * FROM credit_grant(:caller, :request_id, :digest, :audit_request_id, "
+        ":user_id, :amount, :memo, :valid_from, :valid_until)"
     )
-    .returning(*credit_reservations.c)
+)
+_RESERVE = PreparedStatement(
+    text(
+        "SELECT * FROM credit_reserve(:caller, :request_id, :digest, :audit_request_id, "
+        ":user_id, :amount, :reference, :ttl)"
+    )
 )
 _RESOLVE = PreparedStatement(
-    credit_reservations.update()
+    text(
+        "SELECT * FROM credit_resolve(:caller, :request_id, :digest, :audit_request_id, "
+        ":owner_id, :reservation_id, :spent)"
+    )
+)
+_EXPIRE = PreparedStatement(text("SELECT * FROM credit_expire_lapsed(:limit, :actor)"))
+_ENTRIES_PAGE = PreparedStatement(
+    select(*credit_entries.c)
     .where(
-        _reservations.id == bindparam("id"),
-        _reservations.status == _PENDING,
-        _reservations.expire_time > _NOW,
+        _entries.user_id == bindparam("user_id", type_=UUID(as_uuid=True)),
+        _entries.seq < bindparam("before_seq", type_=BigInteger),
     )
-    .values(
-        status=bindparam("new_status"), settled_amount=bindparam("spent"), update_time=func.now()
-    )
-    .returning(*credit_reservations.c)
+    .order_by(_entries.seq.desc())
+    .limit(bindparam("limit", type_=Integer))
 )
-# The balance row moves and the entries are appended in one statement; the
-# entries come as parallel arrays, numbered after the row's last_seq.
-_POST = PreparedStatement(
-    text("""
-WITH account AS (
-  UPDATE credit_accounts
-     SET granted = granted + :granted, reserved = reserved + :reserved,
-         settled = settled + :settled,
-         last_seq = last_seq + cardinality(CAST(:kinds AS text[])), update_time = now()
-   WHERE user_id = :user_id
-  RETURNING last_seq - cardinality(CAST(:kinds AS text[])) AS first_seq
+# Constants written into the SQL, not bound: prepared statements bind only
+# their named parameters.
+_DEFAULT_ARENA: ColumnElement[Any] = literal_column(f"'{DEFAULT_ARENA}'")
+_RATE = PreparedStatement(
+    select(*credit_rates.c)
+    .where(credit_rates.c.arena.in_((bindparam("arena", type_=Text), _DEFAULT_ARENA)))
+    .order_by((credit_rates.c.arena == _DEFAULT_ARENA).asc())
+    .limit(literal_column("1"))
 )
-INSERT INTO credit_entries (user_id, seq, kind, amount, reservation_id, allocation_id, reference)
-SELECT :user_id, account.first_seq + e.n, e.kind, e.amount, e.reservation_id,
-       e.allocation_id, e.reference
-  FROM account,
-       unnest(CAST(:kinds AS text[]), CAST(:amounts AS bigint[]),
-              CAST(:reservation_ids AS uuid[]), CAST(:allocation_ids AS uuid[]),
-              CAST(:references AS text[]))
-       WITH ORDINALITY AS e(kind, amount, reservation_id, allocation_id, reference, n)
-""")
-)
+
+
+@contextmanager
+def _refusals(requested: int = 0) -> Iterator[None]:
+    """Turns the credit functions' refusals into the service's errors."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        refusal = _refusal(exc, requested)
+        if refusal is None:
+            raise
+        raise refusal from None
+
+
+def _refusal(exc: asyncpg.PostgresError, requested: int) -> errors.ObservatoryError | None:
+    code, message, detail = exc.sqlstate, str(exc.message), str(exc.detail or "")
+    if code == INSUFFICIENT_CREDITS:
+        return errors.FailedPrecondition(
+            message,
+            reason="INSUFFICIENT_CREDITS",
+            metadata={"available": detail, "requested": str(requested)},
+        )
+    if code == SETTLE_EXCEEDS_RESERVED:
+        return errors.FailedPrecondition(
+            message,
+            reason="SETTLE_EXCEEDS_RESERVED",
+            metadata={"reserved": detail, "requested": str(requested)},
+        )
+    if code == RESERVATION_NOT_PENDING:
+        return errors.FailedPrecondition(
+            message,
+            reason="RESERVATION_NOT_PENDING",
+            metadata={"status": f"RESERVATION_STATUS_{detail}"},
+        )
+    if code == RESERVATION_NOT_FOUND:
+        return errors.NotFound(message)
+    if code == REQUEST_ID_REUSED:
+        return errors.RequestIdReused()
+    if code == GRANT_OVERFLOW:
+        return errors.InvalidArgument("amount", "would overflow the account's 64-bit total")
+    return None
+
+
+def _key_params(key: RequestKey | None) -> dict[str, Any]:
+    if key is None:
+        return {"request_id": None, "digest": None}
+    return {"request_id": key.request_id, "digest": key.digest}
 
 
 class CreditRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._uow = uow
+        self._driver = uow.driver
 
-    # -- accounts ----------------------------------------------------------------
+    # -- mutations (one statement each) --------------------------------------------
 
-    async def ensure_account(self, user_id: uuid.UUID) -> None:
-        await self._conn.execute(
-            insert(credit_accounts).values(user_id=user_id).on_conflict_do_nothing()
-        )
-
-    async def lock_account(self, user_id: uuid.UUID) -> bool:
-        """Takes the account's row lock for the transaction; False when the
-        account does not exist. Every change to an account holds this lock, so
-        an account's changes happen one after the other."""
-        query = select(_accounts.user_id).where(_accounts.user_id == user_id).with_for_update()
-        return (await self._conn.execute(query)).first() is not None
-
-    async def state(self, user_id: uuid.UUID) -> AccountState | None:
-        """The account now, read in one snapshot. Under `lock_account` (taken
-        by an earlier statement, so this one's snapshot sees every change made
-        before the lock was granted) it stays true until the transaction ends."""
-        row = await _STATE.fetchrow(await driver_connection(self._conn), user_id=user_id)
-        if row is None:
-            return None
-        # sum() of bigint is numeric in PostgreSQL.
-        return AccountState(
-            granted=row["granted"],
-            reserved=row["reserved"],
-            settled=row["settled"],
-            allocated=int(row["allocated"]),
-            lapsed=int(row["lapsed"]),
-            as_of=row["as_of"],
-        )
-
-    async def post(
+    async def grant(
         self,
-        user_id: uuid.UUID,
-        entries: Sequence[Entry],
+        caller: uuid.UUID,
+        key: RequestKey | None,
+        audit_request_id: str | None,
         *,
-        granted: int = 0,
-        reserved: int = 0,
-        settled: int = 0,
-    ) -> None:
-        """Appends `entries` to the account's ledger, numbered on from its last
-        entry, and moves the balance row's sums by the given amounts: one
-        statement, so the two cannot part."""
-        await _POST.fetchrow(
-            await driver_connection(self._conn),
-            user_id=user_id,
-            granted=granted,
-            reserved=reserved,
-            settled=settled,
-            kinds=[entry.kind for entry in entries],
-            amounts=[entry.amount for entry in entries],
-            reservation_ids=[entry.reservation_id for entry in entries],
-            allocation_ids=[entry.allocation_id for entry in entries],
-            references=[entry.reference for entry in entries],
-        )
-
-    # -- allocations and reservations ----------------------------------------------
-
-    async def insert_allocation(self, values: dict[str, Any]) -> RowMapping:
-        statement = credit_allocations.insert().values(**values).returning(*credit_allocations.c)
-        return (await self._conn.execute(statement)).mappings().one()
-
-    async def insert_reservation(
-        self, user_id: uuid.UUID, amount: int, reference: str, ttl: timedelta
-    ) -> Mapping[str, Any]:
-        row: Mapping[str, Any] | None = await _INSERT_RESERVATION.fetchrow(
-            await driver_connection(self._conn),
-            user_id=user_id,
-            amount=amount,
-            reference=reference,
-            ttl=ttl,
-        )
+        user_id: uuid.UUID,
+        amount: int,
+        memo: str,
+        valid_from: datetime,
+        valid_until: datetime | None,
+    ) -> asyncpg.Record:
+        """The new allocation (or, for a retried request_id, the first answer)."""
+        with _refusals(amount):
+            row = await _GRANT.fetchrow(
+                self._driver,
+                caller=caller,
+                **_key_params(key),
+                audit_request_id=audit_request_id,
+                user_id=user_id,
+                amount=amount,
+                memo=memo,
+                valid_from=valid_from,
+                valid_until=valid_until,
+            )
         assert row is not None
         return row
 
-    async def get_reservation(
-        self, reservation_id: uuid.UUID, owner_id: uuid.UUID | None, *, lock: bool = False
-    ) -> RowMapping | None:
-        """The reservation (within `owner_id`'s unless None); with `lock`, its
-        account's row lock is taken too, in the same statement."""
-        query = select(*credit_reservations.c).where(_reservations.id == reservation_id)
-        if owner_id is not None:
-            query = query.where(_reservations.user_id == owner_id)
-        if lock:
-            query = query.join(
-                credit_accounts, _accounts.user_id == _reservations.user_id
-            ).with_for_update(of=credit_accounts)
-        return (await self._conn.execute(query)).mappings().first()
+    async def reserve(
+        self,
+        caller: uuid.UUID,
+        key: RequestKey | None,
+        audit_request_id: str | None,
+        *,
+        user_id: uuid.UUID,
+        amount: int,
+        reference: str,
+        ttl: timedelta,
+    ) -> asyncpg.Record:
+        """The new pending reservation (or, for a retried request_id, the
+        first answer); INSUFFICIENT_CREDITS when the account cannot cover it."""
+        with _refusals(amount):
+            row = await _RESERVE.fetchrow(
+                self._driver,
+                caller=caller,
+                **_key_params(key),
+                audit_request_id=audit_request_id,
+                user_id=user_id,
+                amount=amount,
+                reference=reference,
+                ttl=ttl,
+            )
+        assert row is not None
+        return row
 
-    async def resolve_reservation(
-        self, reservation_id: uuid.UUID, status: str, settled_amount: int = 0
-    ) -> Mapping[str, Any] | None:
-        """Moves a pending, unexpired reservation to `status`; None when it is
-        not pending (any more) or has expired. Run under the account's lock."""
-        return await _RESOLVE.fetchrow(
-            await driver_connection(self._conn),
-            id=reservation_id,
-            new_status=status,
-            spent=settled_amount,
-        )
+    async def resolve(
+        self,
+        caller: uuid.UUID,
+        key: RequestKey | None,
+        audit_request_id: str | None,
+        *,
+        owner_id: uuid.UUID | None,
+        reservation_id: uuid.UUID,
+        spent: int | None,
+    ) -> asyncpg.Record:
+        """Settles `spent` credits of a pending reservation within `owner_id`'s
+        (anyone's when None), the rest returning, or releases it whole when
+        `spent` is None. The reservation as it became."""
+        with _refusals(spent or 0):
+            row = await _RESOLVE.fetchrow(
+                self._driver,
+                caller=caller,
+                **_key_params(key),
+                audit_request_id=audit_request_id,
+                owner_id=owner_id,
+                reservation_id=reservation_id,
+                spent=spent,
+            )
+        assert row is not None
+        return row
 
-    # -- expiry ------------------------------------------------------------------
-
-    async def take_expiry_lock(self) -> bool:
-        """The sweeper's transaction-scoped advisory lock; False when another
-        sweeper (another worker or server) holds it."""
-        query = select(func.pg_try_advisory_xact_lock(func.hashtext(EXPIRY_LOCK)))
-        return bool((await self._conn.execute(query)).scalar_one())
-
-    async def lock_accounts_with_lapsed(self, limit: int) -> list[uuid.UUID]:
-        """Locks up to `limit` accounts that hold lapsed reservations, in
-        user_id order (a single-account transaction cannot deadlock with it)."""
-        due = select(_reservations.user_id).where(_pending_lapsed(func.now()))
-        query = (
-            select(_accounts.user_id)
-            .where(_accounts.user_id.in_(due))
-            .order_by(_accounts.user_id)
-            .limit(limit)
-            .with_for_update()
-        )
-        return list((await self._conn.execute(query)).scalars())
-
-    async def expire_lapsed(self, user_id: uuid.UUID) -> list[RowMapping]:
-        """Marks the account's lapsed reservations EXPIRED. Run under its lock."""
-        statement = (
-            credit_reservations.update()
-            .where(_reservations.user_id == user_id, _pending_lapsed(func.now()))
-            .values(status="EXPIRED", update_time=func.now())
-            .returning(_reservations.id, _reservations.amount, _reservations.reference)
-        )
-        return list((await self._conn.execute(statement)).mappings())
+    async def expire_lapsed(self, limit: int, actor: uuid.UUID) -> tuple[int, int]:
+        """One sweep of up to `limit` accounts: (accounts swept, holds expired).
+        Another sweeper at work: (0, 0)."""
+        row = await _EXPIRE.fetchrow(self._driver, limit=limit, actor=actor)
+        assert row is not None
+        return row["swept_accounts"], row["expired_holds"]
 
     # -- reads -------------------------------------------------------------------
 
-    async def entries_page(
-        self, user_id: uuid.UUID, before_seq: int | None, limit: int
-    ) -> list[RowMapping]:
-        query: Select[Any] = select(*credit_entries.c).where(_entries.user_id == user_id)
-        if before_seq is not None:
-            query = query.where(_entries.seq < before_seq)
-        query = query.order_by(_entries.seq.desc()).limit(limit)
-        return list((await self._conn.execute(query)).mappings())
+    async def balances(self, user_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        """The accounts of `user_ids` that exist, now (one snapshot)."""
+        return await _BALANCES.fetch(self._driver, user_ids=list(user_ids))
 
-    async def rate(self, arena: str) -> RowMapping:
-        """The arena's rate row, or the default one."""
-        query = (
-            select(*credit_rates.c)
-            .where(credit_rates.c.arena.in_((arena, DEFAULT_ARENA)))
-            .order_by((credit_rates.c.arena == DEFAULT_ARENA).asc())
-            .limit(1)
+    async def entries_page(
+        self, user_id: uuid.UUID, before_seq: int, limit: int
+    ) -> list[asyncpg.Record]:
+        """The account's entries numbered below `before_seq`, newest first."""
+        return await _ENTRIES_PAGE.fetch(
+            self._driver, user_id=user_id, before_seq=before_seq, limit=limit
         )
-        return (await self._conn.execute(query)).mappings().one()
+
+    async def rate(self, arena: str) -> asyncpg.Record:
+        """The arena's rate row, or the default one."""
+        row = await _RATE.fetchrow(self._driver, arena=arena)
+        assert row is not None
+        return row
 
     async def recompute(self, user_id: uuid.UUID | None) -> list[RowMapping]:
         """Each account's balance row beside what its entries and pending
@@ -365,4 +355,4 @@ class CreditRepository:
         )
         if user_id is not None:
             query = query.where(_accounts.user_id == user_id)
-        return list((await self._conn.execute(query)).mappings())
+        return list((await self._uow.conn.execute(query)).mappings())

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from observatory.v1 import credit_pb2
 
-from tests.credits_helpers import (
+from tests.credits.helpers import (
     balance,
     grant,
     kinds,
@@ -300,6 +300,42 @@ class TestIdempotency:
         assert again == first
         assert sums(await balance(credit_stub, alice)) == (100, 0, 10, 90)
 
+    async def test_a_retry_answers_as_the_first_call_did_even_after_later_changes(
+        self, credit_stub, admin, alice
+    ):
+        await grant(credit_stub, admin, alice, 100)
+        request_id = str(uuid.uuid4())
+        first = await reserve(credit_stub, alice, 30, request_id=request_id)
+        await settle(credit_stub, alice, first.id, 30)
+        again = await reserve(credit_stub, alice, 30, request_id=request_id)
+
+        assert again == first
+        assert again.status == PENDING
+
+    async def test_concurrent_retries_count_once_and_get_one_answer(
+        self, credit_stub, admin, alice
+    ):
+        await grant(credit_stub, admin, alice, 100)
+        request_id = str(uuid.uuid4())
+        answers = await asyncio.gather(
+            *(reserve(credit_stub, alice, 30, request_id=request_id) for _ in range(8))
+        )
+
+        assert all(answer == answers[0] for answer in answers)
+        assert sums(await balance(credit_stub, alice)) == (100, 30, 0, 70)
+        assert kinds(await transactions(credit_stub, alice)) == [("GRANT", 100), ("RESERVE", 30)]
+
+    async def test_a_refused_call_keeps_no_request_id(self, credit_stub, admin, alice):
+        request_id = str(uuid.uuid4())
+        error = await expect_rpc_error(reserve(credit_stub, alice, 30, request_id=request_id))
+        assert error.reason == "INSUFFICIENT_CREDITS"
+        await grant(credit_stub, admin, alice, 100)
+
+        held = await reserve(credit_stub, alice, 30, request_id=request_id)
+
+        assert held.status == PENDING
+        assert sums(await balance(credit_stub, alice)) == (100, 30, 0, 70)
+
     async def test_the_same_request_id_with_another_payload_is_refused(
         self, credit_stub, admin, alice
     ):
@@ -383,8 +419,13 @@ class TestExpiry:
             await grant(credit_stub, admin, user, 100)
             held += [await reserve(credit_stub, user, 10, ttl_s=0.2) for _ in range(3)]
         await asyncio.sleep(0.4)
+        credits = CreditService(app.units)
 
-        await asyncio.gather(*(CreditService(app.db).expire_lapsed() for _ in range(4)))
+        async def sweep() -> tuple[int, int]:
+            async with app.units.autocommit() as unit:
+                return await credits.expire_lapsed(unit)
+
+        sweeps = await asyncio.gather(*(sweep() for _ in range(4)))
 
         counts = await db.fetch(
             "SELECT reservation_id, count(*) AS n FROM credit_entries "
@@ -392,6 +433,7 @@ class TestExpiry:
             [uuid.UUID(h.id) for h in held],
         )
         assert sorted(row["n"] for row in counts) == [1] * len(held)
+        assert sum(expired for _, expired in sweeps) <= len(held)
         for user in users:
             assert sums(await balance(credit_stub, user)) == (100, 0, 0, 100)
 

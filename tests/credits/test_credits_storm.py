@@ -12,7 +12,7 @@ import grpc
 import pytest
 from observatory.v1 import credit_pb2, credit_pb2_grpc
 
-from tests.credits_helpers import balance, grant, verify
+from tests.credits.helpers import balance, grant, verify
 from tests.helpers import in_processes, new_caller
 
 pytestmark = pytest.mark.asyncio
