@@ -1,36 +1,49 @@
-"""All SQL for actors. Never commits: the caller's unit of work does."""
+"""All SQL for actors. Never commits: the caller's unit of work does.
+
+The hot statements (the point reads, the lock, the create, the candidate
+search) are prepared driver statements; the rest go through SQLAlchemy Core on
+the same connection and transaction.
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import Any, NamedTuple
 
 import asyncpg
 from sqlalchemy import (
     ColumnElement,
     Float,
     Integer,
+    LargeBinary,
     Select,
     Text,
+    any_,
     bindparam,
+    cast,
     column,
+    exists,
     func,
     literal,
     literal_column,
+    null,
+    or_,
     select,
     text,
     tuple_,
     union_all,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, UUID, aggregate_order_by, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, aggregate_order_by, insert
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from server import audit, idempotency
 from server.actors.tables import PRESENCE_ACCOUNT_KEY, actor_aliases, actor_presences, actors
 from server.db import PreparedStatement
-from server.tables import content
+from server.uow import UnitOfWork
 
 _PRESENCE_COLUMNS = (
     "id",
@@ -42,6 +55,7 @@ _PRESENCE_COLUMNS = (
     "verified",
     "follower_count",
 )
+_UUIDS = ARRAY(UUID(as_uuid=True))
 
 
 def _details(table: Any = actors) -> list[ColumnElement[Any]]:
@@ -81,97 +95,135 @@ def _details(table: Any = actors) -> list[ColumnElement[Any]]:
 
 DETAILS = _details()
 
-_GET_OWNED = PreparedStatement(
-    select(*DETAILS).where(actors.c.id == bindparam("id"), actors.c.owner_id == bindparam("owner"))
+# The actors of :ids with their details, whoever owns them (GetActor's
+# coalesced read; the service checks tenancy), and the one of :id. A batch of
+# one key has a statement of its own: PostgreSQL plans `= ANY($1)` anew for
+# every call whose array has one element (its generic plan assumes ten, so it
+# looks dearer than a custom one), while `= $1` is planned once per connection.
+_BY_IDS = PreparedStatement(
+    select(*DETAILS).where(actors.c.id == any_(bindparam("ids", type_=_UUIDS)))
 )
-_GET_ANY = PreparedStatement(select(*DETAILS).where(actors.c.id == bindparam("id")))
+_BY_ID = PreparedStatement(select(*DETAILS).where(actors.c.id == bindparam("id")))
 
 
-def _resolve_statement(*, by_username: bool, owned: bool) -> PreparedStatement:
-    p = actor_presences.c
-    match = (
-        func.lower(p.username) == func.lower(bindparam("key"))
-        if by_username
-        else p.platform_user_id == bindparam("key")
+class AccountKey(NamedTuple):
+    """ResolveActor's question: the actor behind an account of `platform`, by
+    its platform user ID or else its username, among `owner_id`'s actors (None:
+    among everyone's)."""
+
+    owner_id: uuid.UUID | None
+    platform: str
+    platform_user_id: str | None
+    username: str | None
+
+
+# For each key (the four arrays, element by element) the actor of its latest
+# matching account. Each branch is one index probe; the owner's branches find
+# nothing when the owner is NULL and the others run only then, so the key's
+# owner scope is part of the question, not a filter applied afterwards.
+_ACCOUNTS_SQL = """
+SELECT k.owner_id AS key_owner_id, k.platform AS key_platform,
+       k.platform_user_id AS key_platform_user_id, k.username AS key_username,
+       m.actor_id
+  FROM unnest(CAST(:owners AS uuid[]), CAST(:platforms AS text[]),
+              CAST(:platform_user_ids AS text[]), CAST(:usernames AS text[]))
+       AS k(owner_id, platform, platform_user_id, username)
+ CROSS JOIN LATERAL (
+   SELECT p.actor_id, p.create_time, p.id FROM actor_presences p
+    WHERE p.owner_id = k.owner_id AND p.platform = k.platform
+      AND p.platform_user_id = k.platform_user_id
+   UNION ALL
+   SELECT p.actor_id, p.create_time, p.id FROM actor_presences p
+    WHERE p.owner_id = k.owner_id AND p.username IS NOT NULL
+      AND lower(p.username) = lower(k.username) AND p.platform = k.platform
+   UNION ALL
+   SELECT p.actor_id, p.create_time, p.id FROM actor_presences p
+    WHERE k.owner_id IS NULL AND p.platform = k.platform
+      AND p.platform_user_id = k.platform_user_id
+   UNION ALL
+   SELECT p.actor_id, p.create_time, p.id FROM actor_presences p
+    WHERE k.owner_id IS NULL AND p.username IS NOT NULL
+      AND lower(p.username) = lower(k.username) AND p.platform = k.platform
+   ORDER BY create_time DESC, id DESC
+   LIMIT 1
+ ) m
+"""
+_accounts = (
+    text(_ACCOUNTS_SQL)
+    .columns(
+        column("key_owner_id", UUID(as_uuid=True)),
+        column("key_platform", Text),
+        column("key_platform_user_id", Text),
+        column("key_username", Text),
+        column("actor_id", UUID(as_uuid=True)),
     )
-    account = select(p.actor_id).where(p.platform == bindparam("platform"), match)
+    .subquery("accounts")
+)
+_BY_ACCOUNTS = PreparedStatement(
+    select(
+        *DETAILS,
+        _accounts.c.key_owner_id,
+        _accounts.c.key_platform,
+        _accounts.c.key_platform_user_id,
+        _accounts.c.key_username,
+    ).join_from(actors, _accounts, actors.c.id == _accounts.c.actor_id)
+)
+
+
+def _account_statement(*, by_username: bool, owned: bool) -> PreparedStatement:
+    """_BY_ACCOUNTS for one key of one kind (see _BY_ID for why): the one branch
+    that can match, so that its plan is made once per connection."""
+    p = actor_presences.c
+    platform = bindparam("platform", type_=Text)
+    owner = bindparam("owner_id", type_=UUID(as_uuid=True)) if owned else null()
+    platform_user_id = null() if by_username else bindparam("platform_user_id", type_=Text)
+    username = bindparam("username", type_=Text) if by_username else null()
+    account = select(p.actor_id).where(p.platform == platform)
     if owned:
-        account = account.where(p.owner_id == bindparam("owner"))
+        account = account.where(p.owner_id == owner)
+    if by_username:
+        account = account.where(
+            p.username.isnot(None), func.lower(p.username) == func.lower(username)
+        )
+    else:
+        account = account.where(p.platform_user_id == platform_user_id)
     account = account.order_by(p.create_time.desc(), p.id.desc()).limit(literal_column("1"))
-    return PreparedStatement(select(*DETAILS).where(actors.c.id == account.scalar_subquery()))
+    return PreparedStatement(
+        select(
+            *DETAILS,
+            cast(owner, UUID(as_uuid=True)).label("key_owner_id"),
+            platform.label("key_platform"),
+            cast(platform_user_id, Text).label("key_platform_user_id"),
+            cast(username, Text).label("key_username"),
+        ).where(actors.c.id == account.scalar_subquery())
+    )
 
 
-_RESOLVE = {
-    (by_username, owned): _resolve_statement(by_username=by_username, owned=owned)
+_BY_ACCOUNT = {
+    (by_username, owned): _account_statement(by_username=by_username, owned=owned)
     for by_username in (False, True)
     for owned in (False, True)
 }
 
 
-async def lookup_actor(
-    driver: asyncpg.Connection, actor_id: uuid.UUID, owner_id: uuid.UUID | None
-) -> asyncpg.Record | None:
-    """One actor with its aliases and presences, within `owner_id`'s rows
-    unless None: GetActor's hot path, on a `Database.lookup()` connection."""
-    if owner_id is None:
-        return await _GET_ANY.fetchrow(driver, id=actor_id)
-    return await _GET_OWNED.fetchrow(driver, id=actor_id, owner=owner_id)
+def account_statement(key: AccountKey) -> PreparedStatement:
+    """The statement that answers `key` alone (its parameters: the key's fields)."""
+    return _BY_ACCOUNT[(key.platform_user_id is None, key.owner_id is not None)]
 
 
-async def resolve_actor(
-    driver: asyncpg.Connection,
-    owner_id: uuid.UUID | None,
-    platform: str,
-    *,
-    platform_user_id: str | None = None,
-    username: str | None = None,
-) -> asyncpg.Record | None:
-    """The actor behind an account, by its platform ID or else its username."""
-    by_username = platform_user_id is None
-    statement = _RESOLVE[(by_username, owner_id is not None)]
-    params: dict[str, Any] = {
-        "platform": platform,
-        "key": username if by_username else platform_user_id,
-    }
-    if owner_id is not None:
-        params["owner"] = owner_id
-    return await statement.fetchrow(driver, **params)
-
-
-async def find_candidates(
-    driver: asyncpg.Connection,
-    actor_id: uuid.UUID,
-    owner_id: uuid.UUID | None,
-    threshold: float,
-    limit: int,
-) -> list[asyncpg.Record]:
-    """The best `limit` candidates (actor details, strategy 1..3, similarity,
-    platforms); none when the actor is not visible to `owner_id`. Runs inside
-    the caller's transaction, which the threshold setting is local to."""
-    await driver.execute(SET_THRESHOLD_SQL, str(threshold))
-    return await CANDIDATES.fetch(driver, actor_id=actor_id, owner=owner_id, limit=limit)
-
-
-def escape_like(value: str) -> str:
-    """`value` as a LIKE pattern that matches it literally (backslash escapes)."""
-    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-@dataclass(frozen=True, slots=True)
-class ActorQuery:
-    """A validated ListActors filter plus the caller's scope (None: all owners)."""
-
-    owner_id: uuid.UUID | None
-    name_query: str | None = None
-    actor_types: Sequence[str] = ()
-    show_deleted: bool = False
+def account_key(row: asyncpg.Record) -> AccountKey:
+    """The question a `by_accounts` row answers."""
+    return AccountKey(
+        row["key_owner_id"], row["key_platform"], row["key_platform_user_id"], row["key_username"]
+    )
 
 
 # FindCandidateMatches: the best candidates of one actor (visible to :owner
 # unless it is NULL), by strategy then similarity. The trigram strategy uses
 # pg_trgm's % operator, which the GIN indexes on lower(canonical_name) and
-# lower(alias) serve; its threshold is pg_trgm.similarity_threshold, set for
-# the transaction just before (SET_THRESHOLD).
+# lower(alias) serve; its threshold is the session's
+# pg_trgm.similarity_threshold (THRESHOLD_SETTING). No row at all when the actor
+# is not visible; one row of NULLs when it is but nothing matches.
 _CANDIDATES_SQL = """
 WITH target AS (
   SELECT id, owner_id, lower(canonical_name) AS name FROM actors
@@ -218,18 +270,22 @@ best AS (
    WHERE m.actor_id <> :actor_id
    ORDER BY m.actor_id, m.strategy, m.similarity DESC
 )
-SELECT b.actor_id, b.strategy, b.similarity,
-       ARRAY(
-         SELECT DISTINCT p.platform FROM actor_presences p
-          WHERE p.actor_id = b.actor_id
-            AND (b.strategy <> 2 OR lower(p.username) IN (SELECT username FROM handles))
-          ORDER BY 1
-       ) AS platforms
-  FROM best b
- -- A subplan, not a join: one primary-key probe per candidate, never a scan.
- WHERE (SELECT a.delete_time IS NULL FROM actors a WHERE a.id = b.actor_id)
- ORDER BY b.strategy, b.similarity DESC, b.actor_id
- LIMIT :limit
+SELECT c.actor_id, c.strategy, c.similarity, c.platforms
+  FROM target
+  LEFT JOIN LATERAL (
+    SELECT b.actor_id, b.strategy, b.similarity,
+           ARRAY(
+             SELECT DISTINCT p.platform FROM actor_presences p
+              WHERE p.actor_id = b.actor_id
+                AND (b.strategy <> 2 OR lower(p.username) IN (SELECT username FROM handles))
+              ORDER BY 1
+           ) AS platforms
+      FROM best b
+     -- A subplan, not a join: one primary-key probe per candidate, never a scan.
+     WHERE (SELECT a.delete_time IS NULL FROM actors a WHERE a.id = b.actor_id)
+     ORDER BY b.strategy, b.similarity DESC, b.actor_id
+     LIMIT :limit
+  ) c ON true
 """
 _candidates = (
     text(_CANDIDATES_SQL)
@@ -242,6 +298,8 @@ _candidates = (
     .subquery("candidates")
 )
 # The candidates with their details, best first; parameters actor_id, owner, limit.
+# Its trigram threshold is the session setting THRESHOLD_SETTING.
+THRESHOLD_SETTING = "pg_trgm.similarity_threshold"
 CANDIDATES = PreparedStatement(
     select(
         *DETAILS,
@@ -249,94 +307,154 @@ CANDIDATES = PreparedStatement(
         _candidates.c.similarity,
         _candidates.c.platforms.label("platforms"),
     )
-    .join_from(actors, _candidates, actors.c.id == _candidates.c.actor_id)
-    .order_by(_candidates.c.strategy, _candidates.c.similarity.desc(), actors.c.id)
+    .select_from(_candidates.outerjoin(actors, actors.c.id == _candidates.c.actor_id))
+    .order_by(_candidates.c.strategy, _candidates.c.similarity.desc(), _candidates.c.actor_id)
 )
-SET_THRESHOLD_SQL = "SELECT set_config('pg_trgm.similarity_threshold', $1, true)"
 
 
-class ActorRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
-
-    def _scoped(self, actor_id: uuid.UUID, owner_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
-        conditions = [actors.c.id == actor_id]
-        if owner_id is not None:
-            conditions.append(actors.c.owner_id == owner_id)
-        return conditions
-
-    async def get(
-        self, actor_id: uuid.UUID, owner_id: uuid.UUID | None
-    ) -> Mapping[Any, Any] | None:
-        """The actor with aliases and presences, as this transaction sees it."""
-        query = select(*DETAILS).where(*self._scoped(actor_id, owner_id))
-        return (await self._conn.execute(query)).mappings().first()
-
-    async def get_many(self, actor_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RowMapping]:
-        query = select(*DETAILS).where(actors.c.id.in_(actor_ids))
-        return {row["id"]: row for row in (await self._conn.execute(query)).mappings()}
-
-    async def lock(
-        self,
-        actor_ids: Sequence[uuid.UUID],
-        owner_id: uuid.UUID | None,
-        *,
-        relinking: bool = False,
-    ) -> list[RowMapping]:
-        """Locks the visible actors among `actor_ids` for this transaction, in
-        ID order (so overlapping lockers queue instead of deadlocking); an actor
-        removed meanwhile by another transaction is simply not returned.
-
-        `relinking` (merge, split: presences change hands and content is
-        re-pointed) takes FOR UPDATE, which waits for content writers holding
-        FOR KEY SHARE on the actors they link rows to; other changes take FOR
-        NO KEY UPDATE, which does not."""
-        query = select(
+def _lock_statement(*, relinking: bool) -> PreparedStatement:
+    owner = bindparam("owner", type_=UUID(as_uuid=True))
+    return PreparedStatement(
+        select(
             actors.c.id,
             actors.c.owner_id,
             actors.c.canonical_name,
             actors.c.actor_type,
             actors.c.delete_time,
-        ).where(actors.c.id.in_(actor_ids))
-        if owner_id is not None:
-            query = query.where(actors.c.owner_id == owner_id)
-        query = query.order_by(actors.c.id).with_for_update(key_share=not relinking)
-        return list((await self._conn.execute(query)).mappings())
+        )
+        .where(
+            actors.c.id == any_(bindparam("ids", type_=_UUIDS)),
+            or_(owner.is_(None), actors.c.owner_id == owner),
+        )
+        .order_by(actors.c.id)
+        .with_for_update(key_share=not relinking)
+    )
 
-    async def touch(self, actor_id: uuid.UUID) -> None:
-        await self._conn.execute(
-            actors.update().where(actors.c.id == actor_id).values(update_time=func.now())
+
+_LOCK = {relinking: _lock_statement(relinking=relinking) for relinking in (False, True)}
+
+
+def _create_statement(*, claimed: bool) -> PreparedStatement:
+    """CreateActor in one statement: the actor and its audit entry and, when
+    `claimed`, the claim of the request ID with its stored answer (the new ID
+    and create time, as JSON); the actor is inserted only when the claim is.
+    Returns the new actor's id and create_time, or nothing when the request ID
+    was taken."""
+    fresh = select(func.uuidv7().label("id")).cte("fresh")
+    values = select(
+        fresh.c.id,
+        bindparam("new_owner", type_=UUID(as_uuid=True)),
+        bindparam("new_name", type_=Text),
+        bindparam("new_type", type_=Text),
+        bindparam("new_description", type_=Text),
+        bindparam("new_metadata", type_=JSONB),
+    )
+    if claimed:
+        answer = func.convert_to(
+            cast(
+                func.json_build_object(
+                    literal_column("'id'"),
+                    fresh.c.id,
+                    literal_column("'create_time'"),
+                    func.now(),
+                ),
+                Text,
+            ),
+            literal_column("'UTF8'"),
+            type_=LargeBinary,
+        )
+        claim = idempotency.claim_insert(fresh, answer).cte("claim")
+        values = values.where(exists(select(claim.c.request_id)))
+    created = (
+        actors.insert()
+        .from_select(
+            ["id", "owner_id", "canonical_name", "actor_type", "description", "metadata"], values
+        )
+        .returning(actors.c.id, actors.c.create_time)
+        .cte("created")
+    )
+    entry = audit.entry_insert(
+        created, literal_column("'actors/'", Text) + cast(created.c.id, Text)
+    ).cte("audit")
+    return PreparedStatement(select(created.c.id, created.c.create_time).add_cte(entry))
+
+
+_CREATE = {claimed: _create_statement(claimed=claimed) for claimed in (False, True)}
+
+
+def read_create_answer(answer: bytes) -> tuple[uuid.UUID, datetime]:
+    """The new actor's id and create_time from the answer `create` stored."""
+    first = json.loads(answer)
+    return uuid.UUID(first["id"]), datetime.fromisoformat(first["create_time"])
+
+
+def _scope(owner_id: uuid.UUID | None) -> list[ColumnElement[bool]]:
+    """The rows `owner_id` may see (None: an admin, everyone's)."""
+    return [] if owner_id is None else [actors.c.owner_id == owner_id]
+
+
+def escape_like(value: str) -> str:
+    """`value` as a LIKE pattern that matches it literally (backslash escapes)."""
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@dataclass(frozen=True, slots=True)
+class ActorQuery:
+    """A validated ListActors filter plus the caller's scope (None: all owners)."""
+
+    owner_id: uuid.UUID | None
+    name_query: str | None = None
+    actor_types: Sequence[str] = ()
+    show_deleted: bool = False
+
+
+class ActorRepository:
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._uow = uow
+        self._conn = uow.conn
+        self._driver = uow.driver
+
+    # -- reads -------------------------------------------------------------------
+
+    async def by_ids(self, actor_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        """The actors of `actor_ids` that exist, with aliases and presences,
+        whoever owns them."""
+        if len(actor_ids) == 1:
+            return await _BY_ID.fetch(self._driver, id=actor_ids[0])
+        return await _BY_IDS.fetch(self._driver, ids=actor_ids)
+
+    async def get(self, actor_id: uuid.UUID) -> asyncpg.Record | None:
+        """One actor with aliases and presences, as this unit sees it."""
+        return await _BY_ID.fetchrow(self._driver, id=actor_id)
+
+    async def by_accounts(self, keys: Sequence[AccountKey]) -> list[asyncpg.Record]:
+        """For each key that has one, the actor of its latest matching account
+        (with aliases and presences, and the key's fields: see `account_key`)."""
+        if len(keys) == 1:
+            return await account_statement(keys[0]).fetch(self._driver, **keys[0]._asdict())
+        return await _BY_ACCOUNTS.fetch(
+            self._driver,
+            owners=[key.owner_id for key in keys],
+            platforms=[key.platform for key in keys],
+            platform_user_ids=[key.platform_user_id for key in keys],
+            usernames=[key.username for key in keys],
         )
 
-    async def insert(self, values: dict[str, Any]) -> uuid.UUID:
-        statement = actors.insert().values(**values).returning(actors.c.id)
-        return (await self._conn.execute(statement)).scalar_one()  # type: ignore[no-any-return]
-
-    async def update(self, actor_id: uuid.UUID, values: dict[str, Any]) -> None:
-        await self._conn.execute(
-            actors.update().where(actors.c.id == actor_id).values(**values, update_time=func.now())
-        )
-
-    async def set_deleted(
-        self, actor_id: uuid.UUID, owner_id: uuid.UUID | None, deleted: bool
-    ) -> bool:
-        """Soft-deletes (or restores) a live (or deleted) actor; False when no
-        actor in that state exists."""
-        state = actors.c.delete_time.is_(None) if deleted else actors.c.delete_time.isnot(None)
-        statement = (
-            actors.update()
-            .where(*self._scoped(actor_id, owner_id), state)
-            .values(delete_time=func.now() if deleted else None, update_time=func.now())
-            .returning(actors.c.id)
-        )
-        return (await self._conn.execute(statement)).first() is not None
+    async def candidates(
+        self, actor_id: uuid.UUID, owner_id: uuid.UUID | None, threshold: float, limit: int
+    ) -> list[asyncpg.Record] | None:
+        """The best `limit` candidates (actor details, strategy 1..3, similarity,
+        platforms), or None when the actor is not visible to `owner_id`."""
+        await self._uow.use_settings({THRESHOLD_SETTING: str(threshold)})
+        rows = await CANDIDATES.fetch(self._driver, actor_id=actor_id, owner=owner_id, limit=limit)
+        if not rows:
+            return None
+        return [row for row in rows if row["id"] is not None]
 
     async def find_page(
         self, q: ActorQuery, *, after: tuple[str, uuid.UUID] | None, limit: int
     ) -> list[RowMapping]:
-        query: Select[Any] = select(*DETAILS)
-        if q.owner_id is not None:
-            query = query.where(actors.c.owner_id == q.owner_id)
+        query: Select[Any] = select(*DETAILS).where(*_scope(q.owner_id))
         if not q.show_deleted:
             query = query.where(actors.c.delete_time.is_(None))
         if q.actor_types:
@@ -348,6 +466,104 @@ class ActorRepository:
             query = query.where(tuple_(actors.c.canonical_name, actors.c.id) > tuple_(*after))
         query = query.order_by(actors.c.canonical_name, actors.c.id).limit(limit)
         return list((await self._conn.execute(query)).mappings())
+
+    # -- actors ------------------------------------------------------------------
+
+    async def lock(
+        self,
+        actor_ids: Sequence[uuid.UUID],
+        owner_id: uuid.UUID | None,
+        *,
+        relinking: bool = False,
+    ) -> list[asyncpg.Record]:
+        """Locks the visible actors among `actor_ids` for this transaction, in
+        ID order (so overlapping lockers queue instead of deadlocking); an actor
+        removed meanwhile by another transaction is simply not returned.
+
+        `relinking` (merge, split: presences change hands and content is
+        re-pointed) takes FOR UPDATE, which waits for content writers holding
+        FOR KEY SHARE on the actors they link rows to; other changes take FOR
+        NO KEY UPDATE, which does not."""
+        return await _LOCK[relinking].fetch(self._driver, ids=actor_ids, owner=owner_id)
+
+    async def create(
+        self,
+        values: Mapping[str, Any],
+        audit_params: Mapping[str, Any],
+        claim_params: Mapping[str, Any] | None,
+    ) -> asyncpg.Record | None:
+        """Inserts an actor (`values`: owner_id and the writable columns) with
+        its audit entry; with `claim_params` (see idempotency.claim_params) only
+        when that request ID is free, storing the answer with the claim. The new
+        actor's id and create_time, or None when the request ID was taken."""
+        return await _CREATE[claim_params is not None].fetchrow(
+            self._driver,
+            new_owner=values["owner_id"],
+            new_name=values["canonical_name"],
+            new_type=values["actor_type"],
+            new_description=values["description"],
+            new_metadata=json.dumps(values["metadata"]),
+            **audit_params,
+            **(claim_params or {}),
+        )
+
+    async def touch(self, actor_id: uuid.UUID) -> None:
+        await self._conn.execute(
+            actors.update().where(actors.c.id == actor_id).values(update_time=func.now())
+        )
+
+    async def insert(self, values: dict[str, Any]) -> uuid.UUID:
+        statement = actors.insert().values(**values).returning(actors.c.id)
+        return (await self._conn.execute(statement)).scalar_one()  # type: ignore[no-any-return]
+
+    async def update(
+        self,
+        actor_id: uuid.UUID,
+        owner_id: uuid.UUID | None,
+        values: Mapping[str, Any],
+        audit_params: Mapping[str, Any],
+    ) -> RowMapping | None:
+        """Changes the columns in `values` of a live actor visible to
+        `owner_id` (None: anyone's) and writes its audit entry (see
+        audit.entry_params), in one statement. The changed actor with aliases
+        and presences, or None when no such live actor is there."""
+        return await self._change(
+            [actors.c.id == actor_id, actors.c.delete_time.is_(None), *_scope(owner_id)],
+            {**values, "update_time": func.now()},
+            audit_params,
+        )
+
+    async def set_deleted(
+        self,
+        actor_id: uuid.UUID,
+        owner_id: uuid.UUID | None,
+        deleted: bool,
+        audit_params: Mapping[str, Any],
+    ) -> RowMapping | None:
+        """Soft-deletes (or restores) a live (or deleted) actor visible to
+        `owner_id`, with its audit entry, in one statement; None when no actor
+        in that state is there."""
+        state = actors.c.delete_time.is_(None) if deleted else actors.c.delete_time.isnot(None)
+        return await self._change(
+            [actors.c.id == actor_id, state, *_scope(owner_id)],
+            {"delete_time": func.now() if deleted else None, "update_time": func.now()},
+            audit_params,
+        )
+
+    async def _change(
+        self,
+        conditions: Sequence[ColumnElement[bool]],
+        values: Mapping[str, Any],
+        audit_params: Mapping[str, Any],
+    ) -> RowMapping | None:
+        changed = (
+            actors.update().where(*conditions).values(**values).returning(*actors.c).cte("changed")
+        )
+        entry = audit.entry_insert(
+            changed, literal_column("'actors/'", Text) + cast(changed.c.id, Text)
+        ).cte("audit")
+        statement = select(*_details(changed)).add_cte(entry)
+        return (await self._conn.execute(statement, dict(audit_params))).mappings().first()
 
     # -- aliases and presences ---------------------------------------------------
 
@@ -394,16 +610,17 @@ class ActorRepository:
         )
         return bool(result.rowcount)
 
-    async def presences_of(
+    async def accounts_of(
         self, actor_id: uuid.UUID, presence_ids: Sequence[uuid.UUID]
-    ) -> set[uuid.UUID]:
-        """Which of `presence_ids` belong to the actor."""
-        query = select(actor_presences.c.id).where(
-            actor_presences.c.actor_id == actor_id, actor_presences.c.id.in_(presence_ids)
-        )
-        return set((await self._conn.execute(query)).scalars())
-
-    # -- entity resolution -------------------------------------------------------
+    ) -> dict[uuid.UUID, tuple[str, str]]:
+        """Which of `presence_ids` belong to the actor, with their accounts
+        (platform, platform user ID)."""
+        query = select(
+            actor_presences.c.id, actor_presences.c.platform, actor_presences.c.platform_user_id
+        ).where(actor_presences.c.actor_id == actor_id, actor_presences.c.id.in_(presence_ids))
+        return {
+            row.id: (row.platform, row.platform_user_id) for row in await self._conn.execute(query)
+        }
 
     # -- merge and split ---------------------------------------------------------
 
@@ -451,31 +668,6 @@ class ActorRepository:
             actor_presences.update()
             .where(condition)
             .values(actor_id=to_actor, update_time=func.now())
-        )
-        return int(result.rowcount)
-
-    async def repoint_content(
-        self,
-        owner_id: uuid.UUID,
-        from_actors: Sequence[uuid.UUID],
-        to_actor: uuid.UUID,
-        *,
-        accounts_of: Sequence[uuid.UUID] = (),
-    ) -> int:
-        """Sets author_id to `to_actor` on the owner's content by `from_actors`;
-        with `accounts_of` (presence IDs), only on content by those accounts."""
-        statement = content.update().where(
-            content.c.owner_id == owner_id, content.c.author_id.in_(from_actors)
-        )
-        if accounts_of:
-            accounts = select(actor_presences.c.platform, actor_presences.c.platform_user_id).where(
-                actor_presences.c.id.in_(accounts_of)
-            )
-            statement = statement.where(
-                tuple_(content.c.platform, content.c.author_platform_id).in_(accounts)
-            )
-        result = await self._conn.execute(
-            statement.values(author_id=to_actor, update_time=func.now())
         )
         return int(result.rowcount)
 

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from observatory.v1 import actor_pb2, content_pb2
 
-from tests.actor_helpers import add_alias, add_presence, create_actor
+from tests.actors.helpers import add_alias, add_presence, create_actor
 from tests.helpers import expect_rpc_error, ingest_requests, make_content
 
 pytestmark = pytest.mark.asyncio

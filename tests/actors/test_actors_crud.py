@@ -1,15 +1,16 @@
 """ActorService: create, get, list, update, delete/undelete, aliases,
 presences and resolution, with their errors and tenant isolation."""
 
+import asyncio
 import uuid
 
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
-from observatory.v1 import actor_pb2
+from observatory.v1 import actor_pb2, content_pb2
 
-from tests.actor_helpers import add_alias, add_presence, create_actor, get_actor
-from tests.helpers import expect_rpc_error
+from tests.actors.helpers import add_alias, add_presence, create_actor, get_actor
+from tests.helpers import expect_rpc_error, make_content
 
 pytestmark = pytest.mark.asyncio
 
@@ -83,6 +84,53 @@ class TestCreateActor:
         request.actor.canonical_name = "Different"
         error = await expect_rpc_error(actor_stub.CreateActor(request, metadata=alice.metadata))
         assert error.reason == "REQUEST_ID_REUSED"
+
+    async def test_a_retry_gets_the_first_answer_even_after_a_change(self, actor_stub, alice):
+        actor = actor_pb2.Actor(canonical_name="First", description="as created")
+        actor.metadata.update({"n": 1.5, "tags": ["a", "b"], "nested": {"ok": True}})
+        request = actor_pb2.CreateActorRequest(actor=actor, request_id=str(uuid.uuid4()))
+        first = await actor_stub.CreateActor(request, metadata=alice.metadata)
+        assert await get_actor(actor_stub, alice, first.id) == first
+        await actor_stub.UpdateActor(
+            actor_pb2.UpdateActorRequest(
+                actor=actor_pb2.Actor(id=first.id, canonical_name="Later")
+            ),
+            metadata=alice.metadata,
+        )
+
+        assert await actor_stub.CreateActor(request, metadata=alice.metadata) == first
+
+    async def test_concurrent_retries_create_once_and_agree(self, actor_stub, alice, db):
+        request = actor_pb2.CreateActorRequest(
+            actor=actor_pb2.Actor(canonical_name="Raced"), request_id=str(uuid.uuid4())
+        )
+        answers = await asyncio.gather(
+            *(actor_stub.CreateActor(request, metadata=alice.metadata) for _ in range(10))
+        )
+
+        assert all(answer == answers[0] for answer in answers)
+        assert (
+            await db.fetchval("SELECT count(*) FROM actors WHERE owner_id = $1", alice.user_id) == 1
+        )
+        assert await audit_actions(db, alice) == ["actor.create"]
+
+    async def test_a_request_id_another_method_used_is_reused(
+        self, actor_stub, content_stub, alice, bob
+    ):
+        request_id = str(uuid.uuid4())
+        await content_stub.CreateContent(
+            content_pb2.CreateContentRequest(content=make_content(), request_id=request_id),
+            metadata=alice.metadata,
+        )
+        request = actor_pb2.CreateActorRequest(
+            actor=actor_pb2.Actor(canonical_name="Late"), request_id=request_id
+        )
+        error = await expect_rpc_error(actor_stub.CreateActor(request, metadata=alice.metadata))
+        assert error.reason == "REQUEST_ID_REUSED"
+        # Request IDs are per caller: another caller's is its own.
+        assert (
+            await actor_stub.CreateActor(request, metadata=bob.metadata)
+        ).canonical_name == "Late"
 
 
 class TestGetActor:

@@ -9,7 +9,7 @@ import grpc
 import pytest
 from observatory.v1 import actor_pb2, content_pb2
 
-from tests.actor_helpers import (
+from tests.actors.helpers import (
     add_alias,
     add_presence,
     content_by_author,
