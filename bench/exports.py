@@ -35,7 +35,7 @@ from bench.env import (
 from bench.report import Row, table, write_results
 from server.auth import issue_token
 from server.content.convert import INSERT_COLUMNS
-from server.tables import content
+from server.content.tables import content
 
 SUITE = "exports"
 DATABASE = f"observatory_bench_{SUITE}"

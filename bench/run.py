@@ -43,8 +43,8 @@ from bench.env import (
 from bench.report import Row, cpu_table, table, write_results
 from server.auth import issue_token
 from server.content.convert import INSERT_COLUMNS
+from server.content.tables import content
 from server.settings import Settings
-from server.tables import content
 
 SECRET = "observatory-bench-secret-that-is-long-enough-for-hs256"
 SERVICE = "/observatory.v1.ContentService"

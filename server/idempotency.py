@@ -7,16 +7,18 @@ import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import asyncpg
 from google.protobuf.message import Message
-from sqlalchemy import func, select
+from sqlalchemy import Insert, Select, bindparam, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.expression import ColumnElement, FromClause
 
 from server import errors
 from server.auth import Principal
-from server.db import Database
+from server.db import Database, PreparedStatement
 from server.protoconv import parse_uuid
 from server.tables import idempotency_keys
 
@@ -120,3 +122,85 @@ async def once(
     if stored_method != method or stored_hash != digest or stored_response is None:
         raise errors.RequestIdReused()
     return response_type.FromString(stored_response)
+
+
+def claim_insert(source: FromClause, response: ColumnElement[bytes]) -> Insert:
+    """The claim of a request ID as an INSERT ... SELECT from `source` (one
+    row), storing `response` (an expression over it) as the answer at once:
+    to run as a data-modifying CTE of the statement that makes the change, when
+    the answer is known in SQL. It returns a row only when the key was free
+    (then the change may go ahead); a concurrent claim of the same key waits
+    for the first one's transaction. Its parameters are named by `claim_params`."""
+    k = idempotency_keys.c
+    return (
+        insert(idempotency_keys)
+        .from_select(
+            ["owner_id", "request_id", "method", "request_hash", "response"],
+            select(
+                bindparam("claim_owner_id", type_=k.owner_id.type),
+                bindparam("claim_request_id", type_=k.request_id.type),
+                bindparam("claim_method", type_=k.method.type),
+                bindparam("claim_request_hash", type_=k.request_hash.type),
+                response,
+            ).select_from(source),
+        )
+        .on_conflict_do_nothing()
+        .returning(k.request_id)
+    )
+
+
+def claim_params(
+    owner: uuid.UUID, request_id: uuid.UUID, method: str, digest: bytes
+) -> dict[str, Any]:
+    """The driver parameters of a `claim_insert` statement."""
+    return {
+        "claim_owner_id": owner,
+        "claim_request_id": request_id,
+        "claim_method": method,
+        "claim_request_hash": digest,
+    }
+
+
+def stored_select() -> Select[Any]:
+    """The stored (method, request_hash, response) of the key named by the
+    `claim_params` parameters, as the statement's snapshot sees it: beside a
+    `claim_insert` that finds the key taken, a retry of a call that committed
+    before it gets the first answer from the same statement."""
+    k = idempotency_keys.c
+    return select(k.method, k.request_hash, k.response).where(
+        k.owner_id == bindparam("claim_owner_id", type_=k.owner_id.type),
+        k.request_id == bindparam("claim_request_id", type_=k.request_id.type),
+    )
+
+
+def replay(
+    stored: tuple[str | None, bytes | None, bytes | None],
+    method: str,
+    digest: bytes,
+    response_type: type[M],
+) -> M:
+    """The first answer to a retried call from its stored (method,
+    request_hash, response); REQUEST_ID_REUSED when the retry asks for
+    something else."""
+    stored_method, stored_hash, stored_response = stored
+    if stored_method != method or stored_hash != digest or stored_response is None:
+        raise errors.RequestIdReused()
+    return response_type.FromString(stored_response)
+
+
+_STORE_RESPONSE = PreparedStatement(
+    idempotency_keys.update()
+    .where(
+        idempotency_keys.c.owner_id == bindparam("owner_id"),
+        idempotency_keys.c.request_id == bindparam("request_id"),
+    )
+    .values(response=bindparam("response"))
+)
+
+
+async def store_response(
+    driver: asyncpg.Connection, owner: uuid.UUID, request_id: uuid.UUID, response: bytes
+) -> None:
+    """Stores the answer of a claimed key (a prepared statement on the unit's
+    driver), for a change whose answer is known only after it ran."""
+    await _STORE_RESPONSE.fetch(driver, owner_id=owner, request_id=request_id, response=response)

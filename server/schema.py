@@ -6,6 +6,7 @@ registers them."""
 from __future__ import annotations
 
 import server.actors.tables
+import server.content.tables
 import server.credits.tables  # noqa: F401
 from server.tables import metadata
 from server.vectors import tables as _vector_tables  # noqa: F401

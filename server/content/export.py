@@ -1,13 +1,14 @@
 """ExportContent: one snapshot of the filtered content streamed as one file.
 
-A producer task reads the rows inside one REPEATABLE READ READ ONLY
-transaction with `COPY (SELECT ...) TO STDOUT`, so PostgreSQL does the
+A producer task reads the rows in one snapshot unit (REPEATABLE READ READ
+ONLY) with `COPY (SELECT ...) TO STDOUT`, so PostgreSQL does the
 formatting: CSV as it is, NDJSON as one JSON text per row, and for Parquet and
 Arrow the same CSV, parsed into typed record batches by pyarrow in a worker
 thread. It puts ~1 MiB chunks on a small bounded queue; the RPC's stream takes
 them off. When the client reads slowly, the queue fills, the producer waits,
 and so does the COPY: memory stays flat. Cancelling the RPC cancels the
-producer, which discards its connection (ending the COPY on the server)."""
+producer, whose unit then discards its connection (ending the COPY on the
+server)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import pyarrow.parquet
 from observatory.v1 import content_pb2
 
 from server import errors
+from server.content import xlsx
 from server.content.report_repository import (
     COUNT_FIELDS,
     EXPORT_FIELDS,
@@ -35,10 +37,9 @@ from server.content.report_repository import (
     ExportReader,
     csv_select,
     ndjson_select,
-    snapshot,
 )
 from server.content.repository import ContentQuery
-from server.db import Database
+from server.uow import Database
 
 CHUNK_BYTES = 1 << 20
 # Chunks waiting for the client: the most an export holds in memory besides
@@ -53,6 +54,8 @@ CSV_BLOCK_BYTES = 1 << 20
 DICTIONARY_FIELDS = frozenset(
     {"platform", "arena", "content_type", "language", "collection_run_id"}
 )
+# PostgreSQL prints the exported timestamps: in UTC, in ISO 8601.
+SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO"}
 
 Format: TypeAlias = content_pb2.ExportFormat.ValueType
 _FORMATS = frozenset(
@@ -61,6 +64,7 @@ _FORMATS = frozenset(
         content_pb2.EXPORT_FORMAT_CSV,
         content_pb2.EXPORT_FORMAT_PARQUET,
         content_pb2.EXPORT_FORMAT_ARROW_IPC,
+        content_pb2.EXPORT_FORMAT_XLSX,
     }
 )
 
@@ -241,8 +245,9 @@ class Export:
 
     async def _produce(self, queue: asyncio.Queue[Any]) -> None:
         try:
-            async with snapshot(self._db) as driver:
-                reader = ExportReader(driver)
+            async with self._db.snapshot() as uow:
+                await uow.use_settings(SESSION_SETTINGS)
+                reader = ExportReader(uow)
                 await queue.put(await reader.count(self._query))
                 chunker = _Chunker(queue)
                 await self._write(reader, chunker)
@@ -269,6 +274,8 @@ class Export:
                 await chunker.add(data, data.count(b"\n"))
 
             await reader.copy_lines(ndjson_select(q, fields), lines_sink)
+        elif self._format == content_pb2.EXPORT_FORMAT_XLSX:
+            await xlsx.write_xlsx(reader.copy_csv, chunker.add, q, fields)
         else:
             await self._write_arrow(reader, chunker)
 

@@ -8,11 +8,9 @@ import functools
 import json
 import operator
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import asyncpg
 from observatory.v1 import content_pb2
 from sqlalchemy import (
     BigInteger,
@@ -30,13 +28,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, aggregate_order_by
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeEngine
 
-from server import errors
 from server.content.repository import ContentQuery, filter_conditions
-from server.db import Database
-from server.tables import content
+from server.content.tables import content
+from server.uow import UnitOfWork
 
 # Every Content field an export can hold (all of them), in the message's order,
 # and the kinds of value that each format renders differently, by column type.
@@ -108,31 +104,11 @@ def count_select(q: ContentQuery) -> Select[Any]:
     return select(func.count()).select_from(content).where(*filter_conditions(q))
 
 
-@asynccontextmanager
-async def snapshot(db: Database) -> AsyncIterator[asyncpg.Connection]:
-    """A driver connection inside one REPEATABLE READ READ ONLY transaction (in
-    UTC, ISO dates), committed when the block succeeds. On any other exit the connection
-    is discarded by `Database.lookup`, which ends its transaction, COPY or
-    cursor on the server at once."""
-    async with db.lookup() as driver:
-        await driver.execute(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; "
-            "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'"
-        )
-        try:
-            yield driver
-        except errors.ObservatoryError:
-            # The connection is idle (lookup() keeps it): end the transaction.
-            await driver.execute("ROLLBACK")
-            raise
-        await driver.execute("COMMIT")
-
-
 class ExportReader:
-    """Reads one export's rows on a `snapshot` connection."""
+    """Reads one export's rows, in the export's snapshot unit."""
 
-    def __init__(self, driver: asyncpg.Connection) -> None:
-        self._driver = driver
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._driver = uow.driver
 
     async def count(self, q: ContentQuery) -> int:
         sql, args = compile_for_driver(count_select(q))
@@ -172,8 +148,8 @@ _CANONICAL_ORDER = (
 
 
 class DuplicateRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._conn = uow.conn
 
     async def url_groups(self, q: ContentQuery) -> list[tuple[str, list[uuid.UUID]]]:
         """(normalised URL, IDs in canonical order) of each URL shared by two or
@@ -246,8 +222,8 @@ def engagement_expression() -> ColumnElement[Any]:
 
 
 class StatsRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._conn = uow.conn
 
     async def volume(self, q: ContentQuery, granularity: str) -> list[Any]:
         """(period_start, arena or '', count) per period and arena, oldest first."""

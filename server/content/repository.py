@@ -1,7 +1,11 @@
-"""All SQL for content. Never commits: the caller's unit of work does."""
+"""All SQL for content's own rows. Built from the caller's unit of work; never
+commits. A mutation, its audit entry and (for CreateContent) its request-ID
+claim go to PostgreSQL as one statement with data-modifying CTEs."""
 
 from __future__ import annotations
 
+import functools
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -10,36 +14,179 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Float,
+    LargeBinary,
     Select,
+    Text,
+    any_,
     bindparam,
+    case,
     cast,
+    exists,
     func,
     literal_column,
+    null,
+    or_,
     select,
-    text,
+    true,
     tuple_,
 )
-from sqlalchemy.dialects.postgresql import REGCONFIG, insert
+from sqlalchemy.dialects.postgresql import ARRAY, REGCONFIG, UUID, insert
 from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import BindParameter
 
-from server import errors
+from server import audit, errors, idempotency
 from server.actors.tables import actor_presences, actors
 from server.content.convert import INSERT_COLUMNS
-from server.db import PreparedStatement, driver_connection, rows_affected
-from server.tables import CONTENT_NATURAL_KEY, CONTENT_TS_CONFIG, content
+from server.content.tables import CONTENT_NATURAL_KEY, CONTENT_TS_CONFIG, content
+from server.db import PreparedStatement, rows_affected
+from server.uow import UnitOfWork
 
 # Everything but the (large, derived) full-text vector.
 COLUMNS = [column for column in content.c if column.name != "search_vector"]
 STAGING_TABLE = "content_ingest"
-_GET_OWNED = PreparedStatement(
-    select(*COLUMNS).where(
-        content.c.id == bindparam("id"), content.c.owner_id == bindparam("owner_id")
-    )
+CREATE_METHOD = "CreateContent"
+_UUIDS = ARRAY(UUID(as_uuid=True))
+
+
+def _param(column: str) -> BindParameter[Any]:
+    """A driver parameter named and typed after a content column."""
+    return bindparam(column, type_=content.c[column].type)
+
+
+def _resource(content_id: ColumnElement[Any]) -> ColumnElement[str]:
+    return literal_column("'contents/'", Text) + cast(content_id, Text)
+
+
+# The caller's scope: the owner's rows, or every owner's when the parameter is NULL.
+_OWNER_SCOPE = bindparam("owner_scope", type_=UUID(as_uuid=True))
+_IN_SCOPE = or_(_OWNER_SCOPE.is_(None), content.c.owner_id == _OWNER_SCOPE)
+
+_BY_IDS = PreparedStatement(
+    select(*COLUMNS).where(content.c.id == any_(bindparam("ids", type_=_UUIDS)))
 )
-_GET_ANY_OWNER = PreparedStatement(select(*COLUMNS).where(content.c.id == bindparam("id")))
+_GET = select(*COLUMNS).where(content.c.id == _param("id"), _IN_SCOPE)
+_GET_IN_SCOPE = PreparedStatement(_GET)
+_GET_FOR_UPDATE = PreparedStatement(_GET.with_for_update())
+
+_LOCK_ACTORS = PreparedStatement(
+    select(actors.c.id)
+    .where(actors.c.id == any_(bindparam("ids", type_=_UUIDS)))
+    .order_by(actors.c.id)
+    .with_for_update(read=True, key_share=True)
+)
+
+
+def _create_statement() -> Select[Any]:
+    """CreateContent in one statement: resolve the author, claim the request ID
+    (when there is one), insert the row (unless its natural key is taken), write
+    the audit entry, and read back the stored answer of an earlier call with the
+    same request ID.
+
+    A row with no author_id but an author account gets the actor whose presence
+    is that account; it may do so only while holding FOR KEY SHARE on that actor
+    (see `_hold_linked_actors`), taken by the caller beforehand and passed in
+    `locked`. When the account's actor is not among them, nothing is written and
+    `ready` is false: the caller locks `linked_author` and runs it again."""
+    p = actor_presences.c
+    given = _param("author_id")
+    linked = (
+        select(p.actor_id)
+        .where(
+            p.owner_id == _param("owner_id"),
+            p.platform == _param("platform"),
+            p.platform_user_id == _param("author_platform_id"),
+        )
+        .scalar_subquery()
+    )
+    author = select(given.label("given"), linked.label("linked")).cte("author")
+    gate = select(
+        func.coalesce(author.c.given, author.c.linked).label("author_id"),
+        author.c.linked.label("linked_author"),
+        or_(
+            author.c.given.isnot(None),
+            author.c.linked.is_(None),
+            author.c.linked == any_(bindparam("locked", type_=_UUIDS)),
+        ).label("ready"),
+    ).cte("gate")
+    request_id = bindparam("claim_request_id", type_=UUID(as_uuid=True))
+    claim = idempotency.claim_insert(
+        select(gate.c.ready).where(gate.c.ready, request_id.isnot(None)).subquery("claimable"),
+        null().cast(LargeBinary),  # the answer is stored once the row exists
+    ).cte("claim")
+    claimed = exists(select(claim.c.request_id))
+    row = [gate.c.author_id if name == "author_id" else _param(name) for name in INSERT_COLUMNS]
+    new = (
+        insert(content)
+        .from_select(
+            list(INSERT_COLUMNS),
+            select(*row).where(gate.c.ready, or_(request_id.is_(None), claimed)),
+        )
+        .on_conflict_do_nothing(index_elements=CONTENT_NATURAL_KEY)
+        .returning(*COLUMNS)
+        .cte("new")
+    )
+    entry = audit.entry_insert(new, _resource(new.c.id)).cte("entry")
+    prior = idempotency.stored_select().cte("prior")
+    return (
+        select(
+            *new.c,
+            gate.c.ready,
+            gate.c.linked_author,
+            claimed.label("claimed"),
+            prior.c.method.label("prior_method"),
+            prior.c.request_hash.label("prior_request_hash"),
+            prior.c.response.label("prior_response"),
+        )
+        .select_from(gate.outerjoin(new, true()).outerjoin(prior, true()))
+        .add_cte(entry)
+    )
+
+
+_CREATE = PreparedStatement(_create_statement())
+
+
+def _set_deleted_statement() -> Select[Any]:
+    """Soft-deletes (`deleted` true) a live row or restores a deleted one, with
+    its audit entry; no row when none in that state is in scope."""
+    deleted = bindparam("deleted", type_=Boolean)
+    changed = (
+        content.update()
+        .where(
+            content.c.id == _param("id"),
+            _IN_SCOPE,
+            (content.c.delete_time.is_(None)) == deleted,
+        )
+        .values(delete_time=case((deleted, func.now()), else_=null()), update_time=func.now())
+        .returning(*COLUMNS)
+        .cte("changed")
+    )
+    entry = audit.entry_insert(changed, _resource(changed.c.id)).cte("entry")
+    return select(*changed.c).add_cte(entry)
+
+
+_SET_DELETED = PreparedStatement(_set_deleted_statement())
+
+
+@functools.lru_cache(maxsize=64)
+def _update_statement(columns: tuple[str, ...]) -> PreparedStatement:
+    """Sets `columns` (parameters `set_<column>`) on the row `id`, with its
+    audit entry, in one statement; compiled once per set of columns."""
+    changes: dict[str, Any] = {
+        name: bindparam(f"set_{name}", type_=content.c[name].type) for name in columns
+    }
+    changed = (
+        content.update()
+        .where(content.c.id == _param("id"))
+        .values({**changes, "update_time": func.now()})
+        .returning(*COLUMNS)
+        .cte("changed")
+    )
+    entry = audit.entry_insert(changed, _resource(changed.c.id)).cte("entry")
+    return PreparedStatement(select(*changed.c).add_cte(entry))
+
 
 # The actors that staged ingest rows with a stream index in [$1, $2] and no
 # author_id get through their author's account.
@@ -52,7 +199,7 @@ _STAGED_AUTHORS = (
 _LOCK_STAGED_AUTHORS = (
     f"SELECT id FROM actors WHERE id IN ({_STAGED_AUTHORS}) ORDER BY id FOR KEY SHARE"
 )
-_LOCK_ROUNDS = 5
+LOCK_ROUNDS = 5
 
 ActorIds = Callable[[], Awaitable[Iterable[uuid.UUID]]]
 
@@ -66,21 +213,11 @@ async def _hold_linked_actors(lock: ActorIds, linked: ActorIds) -> None:
     the meantime, the account has moved to another actor: the next round
     locks that one."""
     locked: set[uuid.UUID] = set()
-    for _ in range(_LOCK_ROUNDS):
+    for _ in range(LOCK_ROUNDS):
         locked.update(await lock())
         if set(await linked()) <= locked:
             return
     raise errors.Aborted("the authors' actors kept being merged; retry")
-
-
-async def lookup_content(
-    driver: asyncpg.Connection, content_id: uuid.UUID, owner_id: uuid.UUID | None
-) -> asyncpg.Record | None:
-    """One row by ID (within `owner_id`'s rows unless None), as a prepared
-    statement: GetContent's hot path, on a `Database.lookup()` connection."""
-    if owner_id is None:
-        return await _GET_ANY_OWNER.fetchrow(driver, id=content_id)
-    return await _GET_OWNED.fetchrow(driver, id=content_id, owner_id=owner_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,69 +269,68 @@ def filter_conditions(q: ContentQuery) -> list[ColumnElement[bool]]:
     return conditions
 
 
-class ContentRepository:
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+def _driver_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Column values as the driver takes them (JSONB as JSON text)."""
+    if "raw_metadata" not in values:
+        return dict(values)
+    return {**values, "raw_metadata": json.dumps(values["raw_metadata"])}
 
-    def _scoped(
-        self, content_id: uuid.UUID, owner_id: uuid.UUID | None
-    ) -> list[ColumnElement[bool]]:
-        conditions = [content.c.id == content_id]
-        if owner_id is not None:
-            conditions.append(content.c.owner_id == owner_id)
-        return conditions
+
+class ContentRepository:
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._conn = uow.conn
+        self._driver = uow.driver
+
+    async def by_ids(self, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+        """The rows with these IDs, whoever owns them (the caller checks)."""
+        return await _BY_IDS.fetch(self._driver, ids=list(ids))
 
     async def get(
         self, content_id: uuid.UUID, owner_id: uuid.UUID | None, *, for_update: bool = False
-    ) -> Mapping[Any, Any] | None:
-        if for_update:
-            query = select(*COLUMNS).where(*self._scoped(content_id, owner_id)).with_for_update()
-            return (await self._conn.execute(query)).mappings().first()
-        return await lookup_content(await driver_connection(self._conn), content_id, owner_id)
+    ) -> asyncpg.Record | None:
+        """One row by ID within `owner_id`'s rows (None: anyone's)."""
+        statement = _GET_FOR_UPDATE if for_update else _GET_IN_SCOPE
+        return await statement.fetchrow(self._driver, id=content_id, owner_scope=owner_id)
 
-    async def insert(self, values: dict[str, Any]) -> RowMapping | None:
-        """The new row, or None when the natural key is taken. Without an
-        author_id, it gets the actor whose presence is its author's account."""
-        if values.get("author_id") is None and values.get("author_platform_id"):
-            p = actor_presences.c
-            author = select(p.actor_id).where(
-                p.owner_id == values["owner_id"],
-                p.platform == values["platform"],
-                p.platform_user_id == values["author_platform_id"],
-            )
-            lock = (
-                select(actors.c.id)
-                .where(actors.c.id.in_(author))
-                .order_by(actors.c.id)
-                .with_for_update(read=True, key_share=True)
-            )
-
-            async def locked() -> Iterable[uuid.UUID]:
-                return (await self._conn.execute(lock)).scalars().all()
-
-            async def linked() -> Iterable[uuid.UUID]:
-                return (await self._conn.execute(author)).scalars().all()
-
-            await _hold_linked_actors(locked, linked)
-            values = {**values, "author_id": author.scalar_subquery()}
-        statement = (
-            insert(content)
-            .values(**values)
-            .on_conflict_do_nothing(index_elements=CONTENT_NATURAL_KEY)
-            .returning(*COLUMNS)
+    async def create(
+        self,
+        values: Mapping[str, Any],
+        *,
+        locked: Sequence[uuid.UUID],
+        request_id: uuid.UUID | None,
+        digest: bytes,
+        entry: Mapping[str, Any],
+    ) -> asyncpg.Record:
+        """Runs the CreateContent statement (see `_create_statement`): the new
+        row's columns (all NULL when nothing was inserted), then `ready`,
+        `linked_author`, `claimed` and the `prior_*` stored answer."""
+        row = await _CREATE.fetchrow(
+            self._driver,
+            **_driver_values(values),
+            locked=list(locked),
+            claim_owner_id=values["owner_id"],
+            claim_request_id=request_id,
+            claim_method=CREATE_METHOD,
+            claim_request_hash=digest,
+            **entry,
         )
-        return (await self._conn.execute(statement)).mappings().first()
+        assert row is not None
+        return row
+
+    async def lock_actors(self, ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+        """Takes FOR KEY SHARE on those of the actors `ids` that exist, in ID
+        order (as merges lock them); returns their IDs."""
+        return [row["id"] for row in await _LOCK_ACTORS.fetch(self._driver, ids=list(ids))]
 
     async def update(
-        self, content_id: uuid.UUID, owner_id: uuid.UUID | None, values: dict[str, Any]
-    ) -> RowMapping | None:
-        statement = (
-            content.update()
-            .where(*self._scoped(content_id, owner_id))
-            .values(**values, update_time=func.now())
-            .returning(*COLUMNS)
+        self, content_id: uuid.UUID, values: Mapping[str, Any], entry: Mapping[str, Any]
+    ) -> asyncpg.Record | None:
+        """Sets `values` on a row (locked by `get(for_update=True)`) and writes
+        the audit entry `entry` (`audit.entry_params`), in one statement."""
+        params = {f"set_{name}": value for name, value in _driver_values(values).items()}
+        return await _update_statement(tuple(sorted(values))).fetchrow(
+            self._driver, id=content_id, **params, **entry
         )
-        return (await self._conn.execute(statement)).mappings().first()
 
     async def natural_key_taken(self, key: Mapping[str, Any], other_than: uuid.UUID) -> bool:
         """Whether another row holds the natural key in `key` (a mapping with
@@ -208,18 +344,17 @@ class ContentRepository:
         return (await self._conn.execute(query)).first() is not None
 
     async def set_deleted(
-        self, content_id: uuid.UUID, owner_id: uuid.UUID | None, deleted: bool
-    ) -> RowMapping | None:
-        """Soft-deletes (or restores) a live (or deleted) row; None when no row
-        in that state exists."""
-        state = content.c.delete_time.is_(None) if deleted else content.c.delete_time.isnot(None)
-        statement = (
-            content.update()
-            .where(*self._scoped(content_id, owner_id), state)
-            .values(delete_time=func.now() if deleted else None, update_time=func.now())
-            .returning(*COLUMNS)
+        self,
+        content_id: uuid.UUID,
+        owner_id: uuid.UUID | None,
+        deleted: bool,
+        entry: Mapping[str, Any],
+    ) -> asyncpg.Record | None:
+        """Soft-deletes (or restores) a live (or deleted) row in scope and writes
+        the audit entry `entry`; None when no row in that state is in scope."""
+        return await _SET_DELETED.fetchrow(
+            self._driver, id=content_id, owner_scope=owner_id, deleted=deleted, **entry
         )
-        return (await self._conn.execute(statement)).mappings().first()
 
     async def find_page(
         self, q: ContentQuery, *, after: tuple[datetime, uuid.UUID] | None, limit: int
@@ -263,23 +398,20 @@ class ContentRepository:
 
     # -- bulk ingest -------------------------------------------------------------
     # A stream is COPYed batch by batch into STAGING_TABLE and moved into content
-    # from there with one INSERT per batch (see server.content.service._Ingest).
+    # from there with one INSERT per batch (see server.content.ingest).
 
     async def create_staging(self) -> None:
         """A session-private COPY target, dropped when the transaction ends. Each
         row carries its index in the stream, so a refused row can be named."""
         columns = ", ".join(INSERT_COLUMNS)
-        await self._conn.execute(
-            text(
-                f"CREATE TEMP TABLE {STAGING_TABLE} ON COMMIT DROP AS "
-                f"SELECT {columns}, 0::bigint AS stream_index FROM content WITH NO DATA"
-            )
+        await self._driver.execute(
+            f"CREATE TEMP TABLE {STAGING_TABLE} ON COMMIT DROP AS "
+            f"SELECT {columns}, 0::bigint AS stream_index FROM content WITH NO DATA"
         )
 
     async def stage(self, records: Sequence[tuple[Any, ...]]) -> None:
         """COPYs `records` (INSERT_COLUMNS, then the stream index), in binary."""
-        driver = await driver_connection(self._conn)
-        await driver.copy_records_to_table(
+        await self._driver.copy_records_to_table(
             STAGING_TABLE, records=records, columns=(*INSERT_COLUMNS, "stream_index")
         )
 
@@ -287,7 +419,7 @@ class ContentRepository:
         """Inserts the staged rows with a stream index in [first, last] into
         content in one statement; returns how many were new (the rest clashed on
         the natural key). Raises the database's error when any row is refused."""
-        driver = await driver_connection(self._conn)
+        driver = self._driver
 
         async def locked() -> Iterable[uuid.UUID]:
             return [row["id"] for row in await driver.fetch(_LOCK_STAGED_AUTHORS, first, last)]
@@ -314,5 +446,4 @@ class ContentRepository:
         return rows_affected(status)
 
     async def clear_staging(self) -> None:
-        driver = await driver_connection(self._conn)
-        await driver.execute(f"TRUNCATE {STAGING_TABLE}")
+        await self._driver.execute(f"TRUNCATE {STAGING_TABLE}")

@@ -1,4 +1,5 @@
-"""ContentService over gRPC: proto in, service call, proto out."""
+"""ContentService over gRPC: proto in, checked, one unit of work per RPC
+around the service call, proto out."""
 
 from __future__ import annotations
 
@@ -9,12 +10,18 @@ import grpc
 from observatory.v1 import content_pb2, content_pb2_grpc
 
 from server.auth import principal
-from server.content.duplicates import DuplicateService
+from server.content import reports
 from server.content.export import Export, check_format, export_fields
-from server.content.service import ContentService, content_query
-from server.content.stats import StatsService
-from server.db import Database
+from server.content.service import (
+    ContentService,
+    content_query,
+    create_request,
+    list_request,
+    search_request,
+    update_request,
+)
 from server.protoconv import parse_uuid
+from server.uow import Database
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -23,56 +30,75 @@ class ContentServicer(content_pb2_grpc.ContentServiceServicer):
     def __init__(self, service: ContentService, db: Database) -> None:
         self._service = service
         self._db = db
-        self._duplicates = DuplicateService(db)
-        self._stats = StatsService(db)
 
     async def CreateContent(
         self, request: content_pb2.CreateContentRequest, context: Context
     ) -> content_pb2.Content:
-        return await self._service.create(principal(), request.content, request.request_id)
+        caller = principal()
+        new = create_request(caller, request)
+        async with self._db.write() as uow:
+            return await self._service.create(uow, caller, new)
 
     async def GetContent(
         self, request: content_pb2.GetContentRequest, context: Context
     ) -> content_pb2.Content:
+        # A coalesced point read: the service's reads open their own units.
         return await self._service.get(principal(), parse_uuid(request.id, "id"))
 
     async def ListContent(
         self, request: content_pb2.ListContentRequest, context: Context
     ) -> content_pb2.ListContentResponse:
-        return await self._service.list(principal(), request)
+        page = list_request(principal(), request)
+        async with self._db.read() as uow:
+            return await self._service.list(uow, page)
 
     async def UpdateContent(
         self, request: content_pb2.UpdateContentRequest, context: Context
     ) -> content_pb2.Content:
-        return await self._service.update(principal(), request.content, request.update_mask)
+        caller = principal()
+        change = update_request(request)
+        async with self._db.write() as uow:
+            return await self._service.update(uow, caller, change)
 
     async def DeleteContent(
         self, request: content_pb2.DeleteContentRequest, context: Context
     ) -> content_pb2.Content:
-        return await self._service.set_deleted(
-            principal(), parse_uuid(request.id, "id"), deleted=True
-        )
+        caller = principal()
+        content_id = parse_uuid(request.id, "id")
+        async with self._db.write() as uow:
+            return await self._service.set_deleted(uow, caller, content_id, deleted=True)
 
     async def UndeleteContent(
         self, request: content_pb2.UndeleteContentRequest, context: Context
     ) -> content_pb2.Content:
-        return await self._service.set_deleted(
-            principal(), parse_uuid(request.id, "id"), deleted=False
-        )
+        caller = principal()
+        content_id = parse_uuid(request.id, "id")
+        async with self._db.write() as uow:
+            return await self._service.set_deleted(uow, caller, content_id, deleted=False)
 
     async def SearchContent(
         self, request: content_pb2.SearchContentRequest, context: Context
     ) -> content_pb2.SearchContentResponse:
-        return await self._service.search(principal(), request)
+        page = search_request(principal(), request)
+        async with self._db.read() as uow:
+            return await self._service.search(uow, page)
 
     async def IngestContent(
         self, request_iterator: AsyncIterator[content_pb2.IngestContentRequest], context: Context
     ) -> content_pb2.IngestContentResponse:
-        return await self._service.ingest(principal(), request_iterator)
+        caller = principal()
+        first = await anext(request_iterator, None)
+        if first is None:
+            return content_pb2.IngestContentResponse()
+        # One write unit for the whole stream.
+        async with self._db.write() as uow:
+            return await self._service.ingest(uow, caller, first, request_iterator)
 
     async def ExportContent(
         self, request: content_pb2.ExportContentRequest, context: Context
     ) -> AsyncIterator[content_pb2.ExportChunk]:
+        # The export reads in a snapshot unit of its own, in a task that the
+        # end of the RPC cancels.
         export = Export(
             self._db,
             content_query(principal(), request.filter),
@@ -89,14 +115,21 @@ class ContentServicer(content_pb2_grpc.ContentServiceServicer):
     async def FindDuplicates(
         self, request: content_pb2.FindDuplicatesRequest, context: Context
     ) -> content_pb2.FindDuplicatesResponse:
-        return await self._duplicates.find(principal(), request)
+        query = content_query(principal(), request.filter)
+        async with self._db.snapshot() as uow:
+            return await reports.find_duplicates(uow, query)
 
     async def MarkDuplicates(
         self, request: content_pb2.MarkDuplicatesRequest, context: Context
     ) -> content_pb2.MarkDuplicatesResponse:
-        return await self._duplicates.mark(principal(), request)
+        caller = principal()
+        marks = reports.mark_request(request)
+        async with self._db.write() as uow:
+            return await reports.mark_duplicates(uow, caller, marks)
 
     async def GetContentStats(
         self, request: content_pb2.GetContentStatsRequest, context: Context
     ) -> content_pb2.GetContentStatsResponse:
-        return await self._stats.get(principal(), request)
+        stats = reports.stats_request(principal(), request)
+        async with self._db.snapshot() as uow:
+            return await reports.content_stats(uow, stats)

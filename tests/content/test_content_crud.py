@@ -2,6 +2,7 @@
 
 import asyncio
 import hashlib
+import random
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -305,6 +306,38 @@ class TestGetContent:
 
         assert fetched.HasField("delete_time")
         assert fetched.delete_time == deleted.delete_time
+
+    async def test_reads_in_flight_together_each_see_only_their_callers_rows(
+        self, content_stub, alice, bob, admin
+    ):
+        """Concurrent reads are answered together by one query; each caller
+        still gets only what it may see, and only the call that should fail
+        fails."""
+        rows = {alice: [], bob: []}
+        for owner in (alice, bob):
+            for _ in range(5):
+                rows[owner].append((await create(content_stub, owner)).id)
+        unknown = [str(uuid.uuid4()) for _ in range(3)]
+        calls = []
+        for _ in range(8):
+            for caller in (alice, bob, admin):
+                for owner, ids in rows.items():
+                    for content_id in ids:
+                        visible = caller is owner or caller is admin
+                        calls.append((caller, content_id, content_id if visible else NOT_FOUND))
+                calls.extend((caller, content_id, NOT_FOUND) for content_id in unknown)
+                calls.append((caller, "not-a-uuid", INVALID))
+        random.Random(7).shuffle(calls)
+
+        async def outcome(caller, content_id):
+            try:
+                return (await get(content_stub, caller, content_id)).id
+            except grpc.aio.AioRpcError as error:
+                return error.code()
+
+        outcomes = await asyncio.gather(*(outcome(caller, i) for caller, i, _ in calls))
+
+        assert outcomes == [expected for _, _, expected in calls]
 
 
 class TestUpdateContent:

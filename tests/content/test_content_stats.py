@@ -1,5 +1,6 @@
 """GetContentStats on a small known set."""
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
 
@@ -143,3 +144,44 @@ async def test_bad_requests_name_the_field(content_stub, alice, request_fields, 
     error = await expect_rpc_error(stats(content_stub, alice, **request_fields))
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert error.fields == [field]
+
+
+async def test_every_figure_comes_from_one_snapshot_while_rows_arrive(content_stub, alice, db):
+    """Rows land between the statements of GetContentStats: every response still
+    counts the same rows in its total, its volume series, its top term and its
+    top actor (each row has the one term and the one author account)."""
+    stop = asyncio.Event()
+    inserted = 0
+
+    async def storm() -> None:
+        nonlocal inserted
+        while not stop.is_set():
+            await db.execute(
+                "INSERT INTO content (owner_id, platform, platform_id, published_at, title, "
+                "search_terms_matched, author_platform_id, likes_count) "
+                "VALUES ($1, 'storm', $2, $3, 'a storm', '{storm}', 'acc', 1)",
+                alice.user_id,
+                str(inserted),
+                at(1 + inserted % 28),
+            )
+            inserted += 1
+
+    storming = asyncio.create_task(storm())
+    totals = []
+    try:
+        for _ in range(40):
+            response = await stats(content_stub, alice)
+            total = response.total
+            assert sum(bucket.count for bucket in response.volume) == total
+            assert sum(sum(bucket.by_arena.values()) for bucket in response.volume) == total
+            top_terms = [(t.term, t.count) for t in response.top_terms]
+            top_actors = [(a.author_platform_id, a.count) for a in response.top_actors]
+            assert top_terms == ([("storm", total)] if total else [])
+            assert top_actors == ([("acc", total)] if total else [])
+            totals.append(total)
+    finally:
+        stop.set()
+        await storming
+    assert len(set(totals)) > 1, "no row arrived while the statistics were computed"
+    final = await stats(content_stub, alice)
+    assert final.total == inserted
