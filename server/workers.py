@@ -6,11 +6,14 @@ import multiprocessing
 import os
 import signal
 from collections.abc import Callable
+from multiprocessing.connection import wait
 from typing import Any
 
 
-def run_forked(count: int, target: Callable[..., None], args: tuple[Any, ...]) -> None:
-    """Forks `count` processes running `target(*args)` and waits for them all.
+def run_forked(count: int, target: Callable[..., None], args: tuple[Any, ...]) -> int:
+    """Forks `count` processes running `target(*args)` and waits for them all;
+    0 when every one exited cleanly, else the exit status of the first that did
+    not (the others are then stopped: a server missing workers is not healthy).
 
     Call it before any gRPC object exists in this process: each child builds its
     own server and binds the shared port itself. SIGTERM and SIGINT received
@@ -20,12 +23,21 @@ def run_forked(count: int, target: Callable[..., None], args: tuple[Any, ...]) -
     for child in children:
         child.start()
 
-    def forward(signum: int, _frame: object) -> None:
+    def stop_all(_signum: int = signal.SIGTERM, _frame: object = None) -> None:
         for child in children:
             if child.pid and child.is_alive():
                 os.kill(child.pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for child in children:
-        child.join()
+    signal.signal(signal.SIGTERM, stop_all)
+    signal.signal(signal.SIGINT, stop_all)
+    failed = 0
+    running = {child.sentinel: child for child in children}
+    while running:
+        for sentinel in wait(list(running)):
+            child = running.pop(sentinel)  # type: ignore[arg-type]  # sentinels are ints
+            child.join()
+            if child.exitcode and not failed:
+                # A signal's death is reported the way shells do: 128 + its number.
+                failed = child.exitcode if child.exitcode > 0 else 128 - child.exitcode
+                stop_all()
+    return failed

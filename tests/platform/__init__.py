@@ -1,0 +1,1 @@
+"""The platform under every service: transport, tokens, start-up."""
