@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 import asyncpg
 
+from server import replicas
 from server.uow import Database, UnitOfWork
 
 K = TypeVar("K", bound=Hashable)
@@ -38,6 +39,11 @@ class PointReads(Generic[K]):
         self._drainer: asyncio.Task[None] | None = None
 
     async def get(self, key: K) -> asyncpg.Record | None:
+        call = replicas.current_call()
+        if call is not None and call.min_lsn is not None:
+            # A read that must see a given write goes on its own: a shared batch
+            # is routed by whoever opened it.
+            return (await self._query([key])).get(key)
         if self._busy:
             future: asyncio.Future[asyncpg.Record | None] = (
                 asyncio.get_running_loop().create_future()

@@ -10,17 +10,22 @@ from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
 from server.periodic import Periodic
+from server.replicas import Replica
 from server.uow import Database
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# The health "service" that reports the read replica: SERVING while reads go
+# to it, NOT_SERVING while they go to the primary; unknown when none is set.
+REPLICA_SERVICE = "observatory.replica"
 
 
 class HealthMonitor:
     """Every `interval` seconds pings the database and sets the status of the
-    overall server ("") and of each service accordingly."""
+    overall server ("") and of each service accordingly, and that of
+    REPLICA_SERVICE from the replica's own probe (see server.replicas)."""
 
     def __init__(
         self,
@@ -28,8 +33,11 @@ class HealthMonitor:
         servicer: health_aio.HealthServicer,
         services: Sequence[str],
         interval: float,
+        replica: Replica | None = None,
     ) -> None:
         self._db = db
+        self._replica = replica
+        self._replica_status: int | None = None
         self._servicer = servicer
         self._names = ["", *services]
         self._interval = interval
@@ -53,6 +61,11 @@ class HealthMonitor:
             self._status = status
             for name in self._names:
                 await self._servicer.set(name, status)
+        if self._replica is not None:
+            replica_status = SERVING if self._replica.usable else NOT_SERVING
+            if replica_status != self._replica_status:
+                self._replica_status = replica_status
+                await self._servicer.set(REPLICA_SERVICE, replica_status)
 
     def start(self) -> None:
         self._loop.start()

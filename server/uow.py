@@ -9,6 +9,15 @@ An RPC declares what it needs:
   REPEATABLE READ READ ONLY transaction, so they all see one snapshot.
 - `Database.write()`: a READ COMMITTED read-write transaction that commits
   when its block succeeds and rolls back on any error.
+- `Database.autocommit()`: statements that write, each its own transaction
+  (one statement that does all its work, e.g. a data-modifying CTE or a
+  server-side function, needs no BEGIN/COMMIT round trips).
+
+`read()` and `snapshot()` units use the read replica (DATABASE_READ_URL)
+while it is usable and the primary otherwise; the other two always use the
+primary (see server.replicas). A read unit must therefore never write. Inside
+an RPC, a `write()` or `autocommit()` unit that succeeds records the primary's
+WAL position after it, for the RPC's `x-observatory-lsn`.
 
 Inside, `uow.conn` (SQLAlchemy Core) and `uow.driver` (the raw asyncpg
 connection, for COPY, cursors and prepared statements) are the same
@@ -20,6 +29,7 @@ and ended by the unit.
 from __future__ import annotations
 
 import enum
+import logging
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -30,14 +40,18 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import Pool
 
-from server import errors
+from server import errors, replicas
 from server.db import classify_database_error, sqlstate
+from server.replicas import Replica
+
+log = logging.getLogger(__name__)
 
 
 class Mode(enum.Enum):
     READ = "read"
     SNAPSHOT = "snapshot"
     WRITE = "write"
+    AUTOCOMMIT = "autocommit"
 
 
 # Session settings (SET, not SET LOCAL) last as long as the pooled connection;
@@ -56,16 +70,28 @@ class UnitOfWork:
     conn: AsyncConnection
     driver: asyncpg.Connection
     mode: Mode
+    # True when the unit reads from the replica rather than the primary.
+    on_replica: bool = False
 
     @property
     def writable(self) -> bool:
-        return self.mode is Mode.WRITE
+        return self.mode is Mode.WRITE or self.mode is Mode.AUTOCOMMIT
 
     def savepoint(self) -> Any:
         """A nested transaction (SAVEPOINT) inside a write: a failure inside it
         undoes only its own statements. Use as `async with uow.savepoint():`."""
         assert self.mode is Mode.WRITE, "savepoints belong to write units"
         return self.driver.transaction()
+
+    async def try_advisory_lock(self, name: str) -> bool:
+        """Takes the transaction-scoped advisory lock `name` if no other session
+        holds it: work that every server of a fleet runs (sweeps, clean-ups)
+        runs on one at a time, and the others skip their turn."""
+        assert self.mode is Mode.WRITE, "a transaction-scoped lock needs a write unit"
+        taken: bool = await self.driver.fetchval(
+            "SELECT pg_try_advisory_xact_lock(hashtext($1))", name
+        )
+        return taken
 
     async def use_settings(self, values: Mapping[str, str]) -> None:
         """Makes the session settings `values` (e.g. `hnsw.ef_search`) hold on
@@ -85,7 +111,7 @@ class UnitOfWork:
             ),
             *[part for name in names for part in (name, changed[name])],
         )
-        if self.mode is Mode.READ:
+        if not self.driver.is_in_transaction():
             known.update(changed)
         else:
             # Inside a transaction a SET is undone by a rollback: remember it
@@ -110,63 +136,66 @@ def _connection_is_sound(exc: BaseException) -> bool:
 
 
 class Database:
-    """Hands out units of work from one pool. Nothing else in the code base
-    begins, commits or rolls back a transaction."""
+    """Hands out units of work: writes from the primary's pool, reads from the
+    replica's while it is usable (see server.replicas), otherwise from the
+    primary's. Nothing else in the code base begins, commits or rolls back a
+    transaction."""
 
     def __init__(
         self,
         engine: AsyncEngine,
         connect_directly: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+        replica: Replica | None = None,
     ) -> None:
         self.engine = engine
+        self.replica = replica
         self._connect_directly = connect_directly
         self._probe: asyncpg.Connection | None = None
 
     def read(self) -> Any:
-        """`async with db.read() as uow`: single-statement reads, no transaction."""
+        """`async with db.read() as uow`: single-statement reads, no transaction;
+        on the replica when it is usable."""
         return self._unit(Mode.READ)
 
     def snapshot(self) -> Any:
-        """`async with db.snapshot() as uow`: reads of one consistent snapshot."""
+        """`async with db.snapshot() as uow`: reads of one consistent snapshot;
+        on the replica when it is usable."""
         return self._unit(Mode.SNAPSHOT)
 
     def write(self) -> Any:
         """`async with db.write() as uow`: one read-write transaction."""
         return self._unit(Mode.WRITE)
 
+    def autocommit(self) -> Any:
+        """`async with db.autocommit() as uow`: statements that may write, each
+        committing on its own (no BEGIN/COMMIT round trips), on the primary."""
+        return self._unit(Mode.AUTOCOMMIT)
+
     @asynccontextmanager
     async def _unit(self, mode: Mode) -> AsyncIterator[UnitOfWork]:
-        conn = await self.engine.connect()
+        conn, driver, on_replica = await self._open(mode)
         try:
-            # TRANSITIONAL: until every domain uses units, the engine is not
-            # autocommit; SQLAlchemy must never open a transaction of its own.
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            raw = await conn.get_raw_connection()
-            driver = raw.driver_connection
-            assert isinstance(driver, asyncpg.Connection)
-        except BaseException:
-            await conn.close()
-            raise
-        try:
-            if mode is Mode.READ:
-                yield UnitOfWork(conn, driver, mode)
-                return
-            transaction = driver.transaction(
-                isolation="repeatable_read" if mode is Mode.SNAPSHOT else "read_committed",
-                readonly=mode is Mode.SNAPSHOT,
-            )
-            await transaction.start()
-            try:
-                yield UnitOfWork(conn, driver, mode)
-            except BaseException as exc:
-                _pending_settings.pop(driver, None)
-                if _connection_is_sound(exc):
-                    await transaction.rollback()
-                raise
-            await transaction.commit()
-            settled = _pending_settings.pop(driver, None)
-            if settled:
-                _session_settings.setdefault(driver, {}).update(settled)
+            if mode is Mode.READ or mode is Mode.AUTOCOMMIT:
+                yield UnitOfWork(conn, driver, mode, on_replica)
+            else:
+                transaction = driver.transaction(
+                    isolation="repeatable_read" if mode is Mode.SNAPSHOT else "read_committed",
+                    readonly=mode is Mode.SNAPSHOT,
+                )
+                await transaction.start()
+                try:
+                    yield UnitOfWork(conn, driver, mode, on_replica)
+                except BaseException as exc:
+                    _pending_settings.pop(driver, None)
+                    if _connection_is_sound(exc):
+                        await transaction.rollback()
+                    raise
+                await transaction.commit()
+                settled = _pending_settings.pop(driver, None)
+                if settled:
+                    _session_settings.setdefault(driver, {}).update(settled)
+            if mode is Mode.WRITE or mode is Mode.AUTOCOMMIT:
+                await _record_written_lsn(conn, driver)
         except BaseException as exc:
             if not _connection_is_sound(exc):
                 # Cancelled mid-statement, or the connection broke: its state is
@@ -175,24 +204,49 @@ class Database:
                 _pending_settings.pop(driver, None)
                 await conn.invalidate()
                 if isinstance(classify_database_error(exc), errors.Unavailable):
-                    # As SQLAlchemy does on a disconnect: the other pooled
-                    # connections date from before it, so none is reused.
-                    await self.engine.dispose(close=False)
+                    if on_replica:
+                        assert self.replica is not None
+                        await self.replica.failed(exc)
+                    else:
+                        # As SQLAlchemy does on a disconnect: the other pooled
+                        # connections date from before it, so none is reused.
+                        await self.engine.dispose(close=False)
             raise
         finally:
             await conn.close()
+
+    async def _open(self, mode: Mode) -> tuple[AsyncConnection, asyncpg.Connection, bool]:
+        """The unit's connection: the replica's when the unit only reads, the
+        replica is usable and (for a caller that sent x-observatory-min-lsn) has
+        replayed far enough; otherwise the primary's."""
+        if mode is Mode.READ or mode is Mode.SNAPSHOT:
+            call = replicas.current_call()
+            min_lsn = None if call is None else call.min_lsn
+            if self.replica is not None and self.replica.usable:
+                opened = await _open_on_replica(self.replica, min_lsn)
+                if opened is not None:
+                    self.replica.reads_served += 1
+                    return (*opened, True)
+                self.replica.reads_diverted += 1
+        return (*await _checkout(self.engine), False)
 
     @property
     def pool(self) -> Pool:
         return self.engine.pool
 
     async def ping(self) -> None:
-        """`SELECT 1` on a connection of the probe's own, outside the pool, so
-        callers who hold every pooled connection never make the database look
-        down (without `connect_directly`, through the pool)."""
+        """`SELECT 1` on the primary, on a connection of the probe's own outside
+        the pool, so callers who hold every pooled connection never make the
+        database look down (without `connect_directly`, through the pool)."""
         if self._connect_directly is None:
-            async with self.read() as uow:
-                await uow.driver.execute("SELECT 1")
+            conn, driver = await _checkout(self.engine)
+            try:
+                await driver.execute("SELECT 1")
+            except BaseException:
+                await conn.invalidate()
+                raise
+            finally:
+                await conn.close()
             return
         if self._probe is None or self._probe.is_closed():
             self._probe = await self._connect_directly()
@@ -204,7 +258,85 @@ class Database:
             raise
 
     async def dispose(self) -> None:
+        """Closes the pools, the replica's included, and the probe connections."""
         if self._probe is not None:
             self._probe.terminate()
             self._probe = None
+        if self.replica is not None:
+            await self.replica.dispose()
         await self.engine.dispose()
+
+
+async def _checkout(engine: AsyncEngine) -> tuple[AsyncConnection, asyncpg.Connection]:
+    """A pooled connection in autocommit mode (the unit, not SQLAlchemy, owns
+    any transaction) and its driver connection. Pooled connections the server
+    has already closed (it restarted, or ended their sessions) are dropped on
+    the way, which costs no round trip and spares the caller an error."""
+    for _ in range(_MAX_CLOSED_SKIPPED):
+        conn = await engine.connect()
+        try:
+            # TRANSITIONAL: until every domain uses units, the engine is not
+            # autocommit; SQLAlchemy must never open a transaction of its own.
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            raw = await conn.get_raw_connection()
+            driver = raw.driver_connection
+            assert isinstance(driver, asyncpg.Connection)
+        except BaseException:
+            await conn.close()
+            raise
+        if not driver.is_closed():
+            return conn, driver
+        await conn.invalidate()
+        await conn.close()
+    raise asyncpg.ConnectionDoesNotExistError("every pooled connection was closed")
+
+
+# More than any pool holds: new connections are open, so the loop ends sooner.
+_MAX_CLOSED_SKIPPED = 256
+
+
+async def _open_on_replica(
+    replica: Replica, min_lsn: int | None
+) -> tuple[AsyncConnection, asyncpg.Connection] | None:
+    """A replica connection for a read unit, or None when the unit should go to
+    the primary: the replica could not be reached (it is then marked down), or
+    it has not yet replayed `min_lsn`. Asks the replica only when its last known
+    replay position is short of `min_lsn`."""
+    try:
+        conn, driver = await _checkout(replica.engine)
+    except Exception as exc:
+        await replica.failed(exc)
+        return None
+    if min_lsn is None or replica.has_replayed(min_lsn):
+        return conn, driver
+    try:
+        replica.saw_replay(await driver.fetchval(replicas.REPLAY_LSN_SQL))
+    except BaseException as exc:
+        await conn.invalidate()
+        await conn.close()
+        if not isinstance(exc, Exception):
+            raise
+        await replica.failed(exc)
+        return None
+    if replica.has_replayed(min_lsn):
+        return conn, driver
+    await conn.close()
+    return None
+
+
+async def _record_written_lsn(conn: AsyncConnection, driver: asyncpg.Connection) -> None:
+    """After a write unit committed inside an RPC: the primary's WAL position
+    then, which the RPC returns as x-observatory-lsn (read-your-writes). The
+    write stands whatever happens here; should the question fail, the
+    connection is dropped and the RPC answers without the position."""
+    call = replicas.current_call()
+    if call is None:
+        return
+    try:
+        position = await driver.fetchval(replicas.WRITTEN_LSN_SQL)
+    except Exception as exc:
+        if not _connection_is_sound(exc):
+            await conn.invalidate()
+        log.warning("could not read the WAL position after a commit", extra={"error": repr(exc)})
+        return
+    call.wrote(replicas.parse_lsn(position))
