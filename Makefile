@@ -11,13 +11,16 @@ PROTO_FILES := $(wildcard protos/observatory/v1/*.proto)
 # The last released contract: `buf breaking` compares the protos against it.
 RELEASED_PROTOS := released/observatory-v1.binpb
 
-.PHONY: help install run test lint protos check-protos release-protos token migrate bench clean
+.PHONY: help install run test test-tools lint protos check-protos release-protos token migrate bench clean demo backup buf
 
 help:
 	@echo "make run      set up everything and serve on \$${OBSERVATORY_LISTEN:-127.0.0.1:50051}"
 	@echo "make test     set up everything and run the test suite"
 	@echo "make lint     ruff, mypy, buf lint and breaking, stale-stub check"
 	@echo "make protos   regenerate generated/ from protos/"
+	@echo "make demo     load demo data into the running server and print a token for it"
+	@echo "make backup   pg_dump to \$${OBSERVATORY_BACKUP_URL:-.data/backups} and prune old backups"
+	@echo "make buf      install buf (buf curl, buf generate) in tools/node_modules/.bin"
 	@echo "make token    print a dev JWT (ROLE=admin for an admin one, SUB=<uuid> to choose the user)"
 	@echo "make migrate  alembic upgrade head against DATABASE_URL (or the embedded database)"
 	@echo "make bench    run every benchmark suite (BENCH_ARGS=<suite> [--quick] for one); results in bench/results/"
@@ -33,8 +36,27 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) -m server
 
-test: $(STAMP)
+test: $(STAMP) test-tools
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# nginx for the fleet recipe test (tests/scaling/test_fleet.py), which is
+# skipped where nginx is missing and cannot be installed (not root, no apt).
+test-tools:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || \
+		{ test "$$(id -u)" = 0 && command -v apt-get >/dev/null && \
+		  { apt-get install -y -qq nginx-light >/dev/null 2>&1 || \
+		    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq nginx-light >/dev/null 2>&1; }; }; } || \
+		echo "nginx not installed: the fleet recipe test will be skipped"
+
+# Needs a running server (`make run`); progress on stderr, the token on stdout,
+# so TOKEN=$$(make -s demo) works.
+demo: $(STAMP)
+	@$(PY) -m server demo
+
+backup: $(STAMP)
+	$(PY) -m server backup $(BACKUP_ARGS)
+
+buf: $(BUF)
 
 token: $(STAMP)
 	@$(PY) -m server token --role "$${ROLE:-user}" $${SUB:+--sub "$$SUB"}

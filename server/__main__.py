@@ -11,10 +11,11 @@ import sys
 import uuid
 from collections.abc import Sequence
 
-from server import logs, migrate
-from server.auth import ADMIN, USER, dev_secret, issue_token
+from server import auth, logs, migrate, tls
+from server.auth import ADMIN, USER, issue_token
 from server.embedded import EmbeddedPostgres
-from server.settings import Settings
+from server.ops import backup, demo, multiprocess
+from server.settings import ConfigurationError, Settings
 from server.workers import run_forked
 
 log = logging.getLogger("observatory")
@@ -44,20 +45,43 @@ async def _serve_worker(settings: Settings, database_url: str) -> None:
 
 def _run_worker(settings: Settings, database_url: str) -> None:
     logs.configure(settings.log_level)
-    asyncio.run(_serve_worker(settings, database_url))
+    try:
+        asyncio.run(_serve_worker(settings, database_url))
+    except ConfigurationError as exc:
+        log.error(str(exc))
+        raise SystemExit(1) from None
+    finally:
+        from server.ops import metrics
+
+        metrics.mark_process_dead(os.getpid())
 
 
 def serve(settings: Settings) -> None:
+    # What can refuse to start refuses here, before a database starts or a
+    # worker forks; the development secret is made here, once, for all workers.
+    settings = auth.prepare(settings)
+    tls.check(settings)
+    tls.ensure_address_free(settings.listen)
+    if settings.http_listen:
+        tls.ensure_address_free(settings.http_listen)  # the HTTP side port
+    tls.warn_if_plaintext_exposed(settings)
     database_url, embedded = _database(settings)
+    metrics_dir = None
     try:
         migrate.upgrade(database_url)
         if settings.workers == 1:
             asyncio.run(_serve_worker(settings, database_url))
             return
+        # Metrics of all workers go to shared files, so any worker's /metrics
+        # shows the sum; set up before the first worker exists.
+        metrics_dir = multiprocess.prepare()
         # Fork every worker before any gRPC object exists; each binds the same
         # port with SO_REUSEPORT and the kernel spreads connections.
-        run_forked(settings.workers, _run_worker, (settings, database_url))
+        failed = run_forked(settings.workers, _run_worker, (settings, database_url))
+        if failed:
+            raise SystemExit(failed)
     finally:
+        multiprocess.cleanup(metrics_dir)
         if embedded is not None:
             embedded.stop()
 
@@ -71,14 +95,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     token.add_argument("--role", choices=(USER, ADMIN), default=USER)
     token.add_argument("--sub", type=uuid.UUID, help="user ID (default: a fixed dev user per role)")
     token.add_argument("--ttl", type=int, default=86400, help="seconds until it expires")
+    backup.add_commands(commands)
+    demo.add_command(commands)
     args = parser.parse_args(argv)
 
     settings = Settings()
     logs.configure(settings.log_level)
+    try:
+        _run(args, settings)
+    except ConfigurationError as exc:
+        log.error(str(exc))  # one line, no traceback: the message says what to change
+        raise SystemExit(1) from None
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> None:
     if args.command == "token":
-        secret = settings.jwt_secret or dev_secret(settings.data_dir)
+        settings = auth.prepare(settings)
+        if not settings.jwt_secret:
+            raise ConfigurationError(
+                "only OBSERVATORY_JWT_PUBLIC_KEY is set: RS256 tokens come from its private key"
+            )
         sub = args.sub or uuid.uuid5(uuid.NAMESPACE_URL, f"observatory:dev:{args.role}")
-        sys.stdout.write(issue_token(secret, sub, args.role, args.ttl) + "\n")
+        token = issue_token(
+            settings.jwt_secret,
+            sub,
+            args.role,
+            args.ttl,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+        )
+        sys.stdout.write(token + "\n")
+    elif args.command in ("backup", "restore"):
+        backup.run(args, settings, _database)
+    elif args.command == "demo":
+        demo.run(args, settings)
     elif args.command == "migrate":
         database_url, embedded = _database(settings)
         try:

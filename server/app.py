@@ -18,11 +18,13 @@ from observatory.v1 import (
     content_pb2_grpc,
     credit_pb2,
     credit_pb2_grpc,
+    network_pb2,
+    network_pb2_grpc,
     vector_pb2,
     vector_pb2_grpc,
 )
 
-from server import idempotency
+from server import idempotency, replicas, tls, uow
 from server.actors.service import ActorService
 from server.actors.servicer import ActorServicer
 from server.admin.service import AdminService
@@ -30,12 +32,14 @@ from server.admin.servicer import AdminServicer
 from server.auth import Authenticator
 from server.content.service import ContentService
 from server.content.servicer import ContentServicer
-from server.credits.service import CreditService
+from server.credits.service import EXPIRY_BATCH, CreditService
 from server.credits.servicer import CreditServicer
-from server import uow
 from server.db import Database, connect_directly, create_engine
 from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
+from server.networks.servicer import NetworkServicer
+from server.ops import metrics, tracing
+from server.ops.http import SidePort
 from server.periodic import Periodic
 from server.settings import Settings
 from server.vectors.service import VectorService
@@ -52,6 +56,7 @@ SERVICE_NAMES = (
     actor_pb2.DESCRIPTOR.services_by_name["ActorService"].full_name,
     credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name,
     vector_pb2.DESCRIPTOR.services_by_name["VectorService"].full_name,
+    network_pb2.DESCRIPTOR.services_by_name["NetworkService"].full_name,
 )
 
 
@@ -80,32 +85,61 @@ class App:
     content: ContentService
     maintenance: Periodic
     credit_expiry: Periodic
+    side_port: SidePort | None = None
+    # The read replica (DATABASE_READ_URL), if any; units.dispose() closes it.
+    replica: replicas.Replica | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Health goes NOT_SERVING, in-flight RPCs get `grace` seconds, then
         the pool closes."""
+        if self.side_port is not None:
+            self.side_port.serving = False
         await self.monitor.stop()
         await self.maintenance.stop()
         await self.credit_expiry.stop()
         await self.server.stop(grace)
         await self.units.dispose()
+        if self.side_port is not None:
+            await self.side_port.stop()
+        tracing.shutdown()
 
 
 async def create_server(settings: Settings, database_url: str) -> App:
     db = Database(create_engine(settings, database_url))
+    side_port = None
+    if settings.http_listen:
+        # Bound first: a busy port stops start-up before anything else runs.
+        metrics.instrument_engine(db.engine)
+        side_port = SidePort(
+            settings.http_listen,
+            lambda: db.engine.pool,
+            lambda: connect_directly(database_url),
+            reuse_port=settings.workers > 1,
+        )
+        await side_port.start()
     # TRANSITIONAL: domains move from `db` to units of work one by one.
-    units = uow.Database(db.engine, lambda: connect_directly(database_url))
-    content = ContentService(db)
+    replica = replicas.from_settings(settings)
+    units = uow.Database(db.engine, lambda: connect_directly(database_url), replica)
+    if side_port is not None:
+        side_port.replica_state = lambda: replicas.replica_state(replica)
+    content = ContentService(units)
     server = grpc.aio.server(
-        interceptors=[ObservatoryInterceptor(Authenticator(settings))],
+        interceptors=[ObservatoryInterceptor(Authenticator(settings), tracing.configure())],
         options=server_options(settings),
     )
-    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content, db), server)
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(AdminService(db)), server)
-    actor_pb2_grpc.add_ActorServiceServicer_to_server(ActorServicer(ActorService(db)), server)
-    credits = CreditService(db)
-    credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(credits), server)
-    vector_pb2_grpc.add_VectorServiceServicer_to_server(VectorServicer(VectorService(db)), server)
+    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content, units), server)
+    credits = CreditService(units)
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminServicer(AdminService(credits), units), server
+    )
+    actor_pb2_grpc.add_ActorServiceServicer_to_server(
+        ActorServicer(ActorService(units), units), server
+    )
+    credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(credits, units), server)
+    vector_pb2_grpc.add_VectorServiceServicer_to_server(
+        VectorServicer(VectorService(units), units), server
+    )
+    network_pb2_grpc.add_NetworkServiceServicer_to_server(NetworkServicer(units), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:
@@ -117,17 +151,22 @@ async def create_server(settings: Settings, database_url: str) -> App:
             ),
             server,
         )
-    port = server.add_insecure_port(settings.listen)
-    monitor = HealthMonitor(units, health, SERVICE_NAMES, settings.health_interval)
+    port = tls.listen(server, settings)  # TLS when OBSERVATORY_TLS_CERT/KEY are set
+    if replica is not None:
+        await replica.probe()
+        replica.start()
+    monitor = HealthMonitor(units, health, SERVICE_NAMES, settings.health_interval, replica)
     await monitor.probe()
     await server.start()
     monitor.start()
+    if side_port is not None:
+        side_port.serving = True
     maintenance = Periodic(
-        "maintenance", MAINTENANCE_INTERVAL_S, lambda: _maintain(db, content, settings)
+        "maintenance", MAINTENANCE_INTERVAL_S, lambda: _maintain(units, content, settings)
     )
     maintenance.start()
     credit_expiry = Periodic(
-        "credit expiry", settings.credit_expiry_interval, lambda: _expire_credits(credits)
+        "credit expiry", settings.credit_expiry_interval, lambda: _expire_credits(units, credits)
     )
     credit_expiry.start()
     return App(
@@ -139,27 +178,43 @@ async def create_server(settings: Settings, database_url: str) -> App:
         content=content,
         maintenance=maintenance,
         credit_expiry=credit_expiry,
+        side_port=side_port,
+        replica=replica,
     )
 
 
-async def _maintain(db: Database, content: ContentService, settings: Settings) -> None:
+async def _maintain(units: uow.Database, content: ContentService, settings: Settings) -> None:
     """Run at start-up and every few hours: keeps content partitions ready a
     year ahead and forgets request IDs past their retention."""
     try:
-        made = await content.prepare_partitions(settings.partitions_ahead)
+        async with units.write() as unit:
+            made = await content.prepare_partitions(unit, settings.partitions_ahead)
         if made:
             log.info("created content partitions", extra={"count": made})
-        forgotten = await idempotency.forget_old_request_ids(db, settings.request_id_days)
+        forgotten = 0
+        async with units.write() as unit:
+            # One server of a fleet at a time; the others skip their turn.
+            if await unit.try_advisory_lock("observatory.request_id_cleanup"):
+                forgotten = await idempotency.IdempotencyRepository(unit.conn).forget_older_than(
+                    settings.request_id_days
+                )
         if forgotten:
             log.info("forgot expired request IDs", extra={"count": forgotten})
     except Exception as exc:  # the database may be down; the next round retries
         log.warning("maintenance failed", extra={"error": repr(exc)})
 
 
-async def _expire_credits(credits: CreditService) -> None:
-    """Releases reservations past their expire_time (see CreditService.expire_lapsed)."""
+async def _expire_credits(units: uow.Database, credits: CreditService) -> None:
+    """Releases reservations past their expire_time (see CreditService.expire_lapsed),
+    a batch of accounts per statement (each its own transaction) until none is left."""
     try:
-        expired = await credits.expire_lapsed()
+        expired = 0
+        while True:
+            async with units.autocommit() as unit:  # it writes: never on a replica
+                swept, batch_expired = await credits.expire_lapsed(unit)
+            expired += batch_expired
+            if swept < EXPIRY_BATCH:
+                break
         if expired:
             log.info("expired credit reservations", extra={"count": expired})
     except Exception as exc:  # the database may be down; the next round retries

@@ -93,3 +93,14 @@ class Unavailable(ObservatoryError):
 class DeadlineExceeded(ObservatoryError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
     reason = "DEADLINE_EXCEEDED"
+
+
+class LimitExceeded(ObservatoryError):
+    """A server limit was reached (e.g. concurrent streams of one caller):
+    refused at once, naming the limit's setting and its value."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    reason = "LIMIT_EXCEEDED"
+
+    def __init__(self, message: str, *, limit: str, maximum: int) -> None:
+        super().__init__(message, metadata={"limit": limit, "max": str(maximum)})

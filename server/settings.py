@@ -25,9 +25,21 @@ class Settings(BaseSettings):
 
     listen: str = Field("127.0.0.1:50051", alias="OBSERVATORY_LISTEN")
     database_url: str | None = Field(None, alias="DATABASE_URL")
+    # A streaming replica of DATABASE_URL for read-only RPCs (server.replicas).
+    database_read_url: str | None = Field(None, alias="DATABASE_READ_URL")
+    # Reads go to the primary while the replica's replay lags more than this.
+    max_replica_lag_s: float = Field(5.0, alias="OBSERVATORY_MAX_REPLICA_LAG_S", ge=0)
     data_dir: Path = Field(Path(".data"), alias="OBSERVATORY_DATA_DIR")
     jwt_secret: str | None = Field(None, alias="OBSERVATORY_JWT_SECRET")
     jwt_public_key: str | None = Field(None, alias="OBSERVATORY_JWT_PUBLIC_KEY")
+    jwt_issuer: str | None = Field(None, alias="OBSERVATORY_JWT_ISSUER")
+    jwt_audience: str | None = Field(None, alias="OBSERVATORY_JWT_AUDIENCE")
+    # The development secret in the data dir serves only the embedded database
+    # unless this is set.
+    allow_dev_secret: bool = Field(False, alias="OBSERVATORY_ALLOW_DEV_SECRET")
+    tls_cert: str | None = Field(None, alias="OBSERVATORY_TLS_CERT")
+    tls_key: str | None = Field(None, alias="OBSERVATORY_TLS_KEY")
+    tls_client_ca: str | None = Field(None, alias="OBSERVATORY_TLS_CLIENT_CA")
     pool_size: int = Field(5, alias="DATABASE_POOL_SIZE", ge=1)
     max_overflow: int = Field(10, alias="DATABASE_MAX_OVERFLOW", ge=0)
     pool_timeout: float = Field(30.0, alias="DATABASE_POOL_TIMEOUT", gt=0)
@@ -47,3 +59,13 @@ class Settings(BaseSettings):
     partitions_ahead: int = Field(12, alias="OBSERVATORY_PARTITIONS_AHEAD", ge=1)
     # Seconds between sweeps that release reservations past their expire_time.
     credit_expiry_interval: float = Field(15.0, alias="OBSERVATORY_CREDIT_EXPIRY_INTERVAL", gt=0)
+    # The HTTP side port (/metrics, /livez, /readyz); empty turns it off.
+    http_listen: str = Field("127.0.0.1:9464", alias="OBSERVATORY_HTTP_LISTEN")
+    # A directory or s3://bucket/prefix; unset: <data dir>/backups.
+    backup_url: str | None = Field(None, alias="OBSERVATORY_BACKUP_URL")
+    backup_retention_days: int = Field(30, alias="OBSERVATORY_BACKUP_RETENTION_DAYS", ge=1)
+
+
+class ConfigurationError(Exception):
+    """Settings the server cannot start with; the message is one line that says
+    what to change."""

@@ -28,6 +28,9 @@ from server.settings import Settings
 from tests.helpers import TEST_SECRET, Caller, new_caller
 
 ROOT = Path(__file__).resolve().parent.parent
+# Servers started by tests (in process or as `python -m server`) have no HTTP
+# side port unless a test asks for one (tests/ops/), so runs never clash on it.
+os.environ.setdefault("OBSERVATORY_HTTP_LISTEN", "")
 TEST_DATA_DIR = Path(os.environ.get("OBSERVATORY_TEST_DATA_DIR", ROOT / ".data" / "test"))
 
 

@@ -1,0 +1,1 @@
+"""Operating the service: metrics, traces, probes, backups and demo data."""
