@@ -206,6 +206,28 @@ def item_to_proto(row: Any, spec: CollectionSpec, hits: Hits, target: vector_pb2
         target.vector.extend(row[spec.column].to_list())
 
 
+def scored_items(
+    rows: Sequence[Any], spec: CollectionSpec, hits: Hits, threshold: float | None = None
+) -> list[vector_pb2.ScoredItem]:
+    """Search hits, best first. Rows with a `distance` (vector searches) are
+    scored by the collection's metric and cut at `threshold`; rows with a
+    `score` (text and hybrid) carry their own."""
+    out: list[vector_pb2.ScoredItem] = []
+    ranked = bool(rows) and "score" in rows[0]
+    for row in rows:
+        if ranked:
+            hit = vector_pb2.ScoredItem(score=row["score"], distance=row.get("distance", 0.0))
+        else:
+            distance = row["distance"]
+            value = score(spec, distance)
+            if threshold is not None and value < threshold:
+                break  # best first: every later hit scores lower still
+            hit = vector_pb2.ScoredItem(score=value, distance=distance)
+        item_to_proto(row, spec, hits, hit.item)
+        out.append(hit)
+    return out
+
+
 def score(spec: CollectionSpec, distance: float) -> float:
     """Higher is better: cosine similarity, -L2 distance, or the dot product
     (pgvector's <#> is the negative inner product)."""

@@ -1,257 +1,275 @@
-"""VectorService rules. Each public method is one unit of work.
+"""VectorService rules, applied inside the unit of work the servicer opened.
 
-Searches run on a bare driver connection (`Database.lookup()`) in one
-read-only transaction whose settings (`hnsw.ef_search`,
-`hnsw.iterative_scan`) are SET LOCAL, so they never outlive the search. The
-hits are fetched whole (top_k is at most 1000) and the connection goes back to
-the pool before the first hit is sent: a slow or vanished reader never holds
-a connection.
+Searches run on a read unit: one statement each, no BEGIN/COMMIT, with the
+hnsw settings they need kept on the pooled connection (see
+repository.index_search_settings). Their hits are fetched whole (top_k is at
+most 1000), so the connection goes back to the pool before the first hit is
+sent: a slow or vanished reader never holds one.
+
+Collections never change once made, so their rows are cached per process: a
+search then costs no look-up. A collection deleted by another process shows
+as its partition missing; the entry is then dropped and the call answered as
+the database now stands.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 from cachetools import LRUCache
 from observatory.v1 import common_pb2, vector_pb2
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from server import bulk, errors, idempotency, pagination
 from server.audit import AuditRepository
 from server.auth import Principal
-from server.db import Database
+from server.coalesce import PointReads
+from server.uow import Database, UnitOfWork
 from server.urls import normalize_url
 from server.vectors import convert
 from server.vectors.repository import (
     CollectionRepository,
     CollectionSpec,
     Hits,
-    ItemSearch,
-    lookup_collection,
-    with_vector_codecs,
+    collections_by_key,
+    item_search,
+    items_by_key,
 )
 
 UPSERT_BATCH_ITEMS = 5000
 MAX_DELETE_IDS = 10_000
-# A filter matching fewer items than this is searched exactly: every match is
-# scored, so a selective filter can never starve the index scan of hits.
-EXACT_FILTER_LIMIT = 10_000
 # Each ranking HybridSearch fuses contributes at least this many candidates.
 HYBRID_CANDIDATES = 100
 DEFAULT_RRF_K = 60
 DEFAULT_DUPLICATE_THRESHOLD = 0.85
 SPEC_CACHE_SIZE = 10_000
-# pgvector's default bound on an iterative scan, and how far we raise it.
-DEFAULT_MAX_SCAN_TUPLES = 20_000
-MAX_SCAN_TUPLES = 2_000_000
+_ITEM_HITS = Hits(with_vector=False, with_metadata=True)
+_ITEM_HITS_WITH_VECTOR = Hits(with_vector=True, with_metadata=True)
 
 
 def _resource(spec: CollectionSpec) -> str:
     return f"vector_collections/{spec.id}"
 
 
+def _not_found(name: str) -> errors.NotFound:
+    return errors.NotFound(f"collection {name!r} not found")
+
+
 class VectorService:
-    def __init__(self, db: Database) -> None:
-        self._db = db
+    def __init__(self, units: Database) -> None:
         self._specs: LRUCache[tuple[uuid.UUID, str], CollectionSpec] = LRUCache(SPEC_CACHE_SIZE)
+        # GetItem's reads, coalesced across callers: the collection by (owner,
+        # name) when it is not cached, then the item by (collection, id).
+        self._collections: PointReads[tuple[uuid.UUID, str]] = PointReads(
+            units, collections_by_key, lambda row: (row["owner_id"], row["name"])
+        )
+        self._items: PointReads[tuple[uuid.UUID, str]] = PointReads(
+            units, items_by_key, lambda row: (row["collection_id"], row["id"])
+        )
 
     # -- collections ------------------------------------------------------------------
 
     async def create_collection(
-        self, caller: Principal, message: vector_pb2.Collection, request_id: str
+        self, uow: UnitOfWork, caller: Principal, message: vector_pb2.Collection, request_id: str
     ) -> vector_pb2.Collection:
         values = convert.collection_values(message)
         digest = idempotency.request_hash("CreateCollection", message)
-        async with self._db.write() as conn:
 
-            async def work() -> vector_pb2.Collection:
-                repo = CollectionRepository(conn)
-                spec = await repo.insert({**values, "owner_id": caller.user_id})
-                if spec is None:
-                    raise errors.AlreadyExists(f"collection {message.name!r} already exists")
-                await repo.create_storage(spec)
-                self._specs.pop((caller.user_id, spec.name), None)
-                await AuditRepository(conn).record(
-                    caller, "vectors.collection.create", _resource(spec), {"name": spec.name}
-                )
-                return convert.collection_to_proto(spec, 0)
-
-            return await idempotency.once(
-                conn, caller, request_id, "CreateCollection", digest, vector_pb2.Collection, work
-            )
-
-    async def get_collection(self, caller: Principal, name: str) -> vector_pb2.Collection:
-        convert.check_name(name, "name")
-        async with self._db.read() as conn:
-            repo = CollectionRepository(conn)
-            spec = await repo.get(caller.user_id, name)
+        async def work() -> vector_pb2.Collection:
+            repo = CollectionRepository(uow)
+            spec = await repo.insert({**values, "owner_id": caller.user_id})
             if spec is None:
-                raise _not_found(name)
-            counts = await repo.count_items([spec.id])
-        return convert.collection_to_proto(spec, counts.get(spec.id, 0))
+                raise errors.AlreadyExists(f"collection {message.name!r} already exists")
+            await repo.create_storage(spec)
+            self._specs.pop((caller.user_id, spec.name), None)
+            await AuditRepository(uow.conn).record(
+                caller, "vectors.collection.create", _resource(spec), {"name": spec.name}
+            )
+            return convert.collection_to_proto(spec, 0)
 
-    async def delete_collection(self, caller: Principal, name: str) -> None:
-        convert.check_name(name, "name")
-        async with self._db.write() as conn:
-            repo = CollectionRepository(conn)
-            spec = await repo.delete(caller.user_id, name)
+        return await idempotency.once(
+            uow.conn, caller, request_id, "CreateCollection", digest, vector_pb2.Collection, work
+        )
+
+    async def get_collection(
+        self, uow: UnitOfWork, caller: Principal, name: str
+    ) -> vector_pb2.Collection:
+        """The collection's row never changes, so with it cached (or looked
+        up), its one mutable figure, the item count, is one statement."""
+        spec = await self._spec(uow, caller, name, field="name")
+        repo = CollectionRepository(uow)
+        try:
+            count = await repo.count_items(spec)
+        except asyncpg.UndefinedTableError:
+            # Deleted by another process, and maybe made anew: as it is now.
             self._specs.pop((caller.user_id, name), None)
-            if spec is None:
-                raise _not_found(name)
-            await repo.drop_storage(spec)
-            await AuditRepository(conn).record(
-                caller, "vectors.collection.delete", _resource(spec), {"name": spec.name}
-            )
+            spec = await self._spec(uow, caller, name, field="name")
+            count = await repo.count_items(spec)
+        return convert.collection_to_proto(spec, count)
+
+    async def delete_collection(self, uow: UnitOfWork, caller: Principal, name: str) -> None:
+        convert.check_name(name, "name")
+        repo = CollectionRepository(uow)
+        spec = await repo.delete(caller.user_id, name)
+        self._specs.pop((caller.user_id, name), None)
+        if spec is None:
+            raise _not_found(name)
+        await repo.drop_storage(spec)
+        await AuditRepository(uow.conn).record(
+            caller, "vectors.collection.delete", _resource(spec), {"name": spec.name}
+        )
 
     async def list_collections(
-        self, caller: Principal, request: vector_pb2.ListCollectionsRequest
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.ListCollectionsRequest
     ) -> vector_pb2.ListCollectionsResponse:
+        """A page and its item counts: two statements, on one snapshot."""
         size = pagination.page_size(request.page_size)
         token_query = pagination.fingerprint("ListCollections", str(caller.user_id))
         after = pagination.decode_token(request.page_token, token_query, str, uuid.UUID)
-        async with self._db.read() as conn:
-            repo = CollectionRepository(conn)
-            rows = await repo.page(caller.user_id, after=after, limit=size + 1)
-            specs = [CollectionSpec.from_row(row) for row in rows[:size]]
-            counts = await repo.count_items([spec.id for spec in specs]) if specs else {}
+        repo = CollectionRepository(uow)
+        page = await repo.page(caller.user_id, after=after, limit=size + 1)
+        counts = await repo.count_items_of(page[:size]) if page else {}
         response = vector_pb2.ListCollectionsResponse(
-            collections=[convert.collection_to_proto(s, counts.get(s.id, 0)) for s in specs]
+            collections=[
+                convert.collection_to_proto(spec, counts.get(spec.id, 0)) for spec in page[:size]
+            ]
         )
         response.next_page_token = pagination.next_page_token(
-            rows, size, token_query, lambda row: (row["name"], row["id"])
+            page, size, token_query, lambda spec: (spec.name, spec.id)
         )
         return response
 
     # -- items ------------------------------------------------------------------------
 
     async def upsert_items(
-        self, caller: Principal, stream: AsyncIterator[vector_pb2.UpsertItemsRequest]
+        self,
+        uow: UnitOfWork,
+        caller: Principal,
+        first: vector_pb2.UpsertItemsRequest,
+        rest: AsyncIterator[vector_pb2.UpsertItemsRequest],
     ) -> vector_pb2.UpsertItemsResponse:
-        first = await anext(stream, None)
-        if first is None:
-            return vector_pb2.UpsertItemsResponse()
         name = convert.check_name(first.collection, "collection")
-        async with self._db.write() as conn:
-            # Key-share: concurrent upserts pass, DeleteCollection waits for us.
-            spec = await CollectionRepository(conn).get(caller.user_id, name, lock=True)
-            if spec is None:
-                raise _not_found(name)
-            return await _Upsert(conn, caller, spec).run(first, stream)
+        # Key-share: concurrent upserts pass, DeleteCollection waits for us.
+        spec = await CollectionRepository(uow).lock(caller.user_id, name)
+        if spec is None:
+            raise _not_found(name)
+        return await _Upsert(uow, caller, spec).run(first, rest)
 
     async def get_item(
         self, caller: Principal, request: vector_pb2.GetItemRequest
     ) -> vector_pb2.Item:
+        """Through coalesced point reads: no unit of its own. The collection is
+        the caller's (looked up by owner and name), so its items are too."""
+        name = convert.check_name(request.collection, "collection")
         item_id = convert.check_item_id(request.id, "id")
-        async with self._searching(caller, request.collection) as search:
-            hits = Hits(with_vector=request.with_vector)
-            row = await search.get(item_id, hits)
-            spec = search.spec
+        key = (caller.user_id, name)
+        cached = self._specs.get(key)
+        spec = cached or await self._look_up(key)
+        row = await self._items.get((spec.id, item_id))
+        if row is None and cached is not None:
+            # Another process may have deleted or re-created the collection.
+            self._specs.pop(key, None)
+            spec = await self._look_up(key)
+            if spec.id != cached.id:
+                row = await self._items.get((spec.id, item_id))
         if row is None:
-            raise errors.NotFound(f"item {item_id!r} not found in {request.collection!r}")
+            raise errors.NotFound(f"item {item_id!r} not found in {name!r}")
         item = vector_pb2.Item()
+        hits = _ITEM_HITS_WITH_VECTOR if request.with_vector else _ITEM_HITS
         convert.item_to_proto(row, spec, hits, item)
         return item
 
+    async def _look_up(self, key: tuple[uuid.UUID, str]) -> CollectionSpec:
+        row = await self._collections.get(key)
+        if row is None:
+            raise _not_found(key[1])
+        spec = self._specs[key] = CollectionSpec.from_row(row)
+        return spec
+
     async def delete_items(
-        self, caller: Principal, request: vector_pb2.DeleteItemsRequest
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.DeleteItemsRequest
     ) -> vector_pb2.DeleteItemsResponse:
         name = convert.check_name(request.collection, "collection")
         if not 1 <= len(request.ids) <= MAX_DELETE_IDS:
             raise errors.InvalidArgument("ids", f"must list 1 to {MAX_DELETE_IDS} item ids")
         ids = [convert.check_item_id(value, f"ids[{i}]") for i, value in enumerate(request.ids)]
-        async with self._db.write() as conn:
-            repo = CollectionRepository(conn)
-            spec = await repo.get(caller.user_id, name, lock=True)
-            if spec is None:
-                raise _not_found(name)
-            deleted = await repo.delete_items(spec, ids)
-            await AuditRepository(conn).record(
-                caller,
-                "vectors.items.delete",
-                _resource(spec),
-                {"name": spec.name, "requested": len(ids), "deleted": deleted},
-            )
+        repo = CollectionRepository(uow)
+        spec = await repo.lock(caller.user_id, name)
+        if spec is None:
+            raise _not_found(name)
+        deleted = await repo.delete_items(spec, ids)
+        await AuditRepository(uow.conn).record(
+            caller,
+            "vectors.items.delete",
+            _resource(spec),
+            {"name": spec.name, "requested": len(ids), "deleted": deleted},
+        )
         return vector_pb2.DeleteItemsResponse(deleted=deleted)
 
     # -- searches ---------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _searching(self, caller: Principal, name: str) -> AsyncIterator[ItemSearch]:
-        """A pooled driver connection with the vector codecs, and the caller's
-        collection `name` (NOT_FOUND when it is not theirs).
-
-        Collections never change, so their rows are cached per process: a
-        search then costs no lookup. A collection deleted by another process
-        shows as its partition missing; the entry is then dropped and the call
-        answered as the database now stands."""
-        convert.check_name(name, "collection")
+    async def _spec(
+        self, uow: UnitOfWork, caller: Principal, name: str, *, field: str = "collection"
+    ) -> CollectionSpec:
+        """The caller's collection `name` (NOT_FOUND when it is not theirs),
+        from the cache or looked up on `uow`."""
+        convert.check_name(name, field)
         key = (caller.user_id, name)
-        try:
-            async with self._db.lookup() as driver:
-                await with_vector_codecs(driver)
-                spec = self._specs.get(key)
-                if spec is None:
-                    spec = await lookup_collection(driver, caller.user_id, name)
-                    if spec is None:
-                        raise _not_found(name)
-                    self._specs[key] = spec
-                yield ItemSearch(driver, spec)
-        except asyncpg.UndefinedTableError:
-            self._specs.pop(key, None)
-            async with self._db.lookup() as driver:
-                if await lookup_collection(driver, caller.user_id, name) is None:
-                    raise _not_found(name) from None
-            raise errors.Aborted(f"collection {name!r} was re-created meanwhile; retry") from None
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = await CollectionRepository(uow).find(caller.user_id, name)
+            if spec is None:
+                raise _not_found(name)
+            self._specs[key] = spec
+        return spec
+
+    async def _vanished(self, uow: UnitOfWork, caller: Principal, name: str) -> Exception:
+        """The error for a search whose cached collection's partition is gone
+        (another process deleted the collection, and maybe made it anew)."""
+        self._specs.pop((caller.user_id, name), None)
+        if await CollectionRepository(uow).find(caller.user_id, name) is None:
+            return _not_found(name)
+        return errors.Aborted(f"collection {name!r} was re-created meanwhile; retry")
 
     async def search_similar(
-        self, caller: Principal, request: vector_pb2.SearchSimilarRequest
-    ) -> AsyncIterator[vector_pb2.ScoredItem]:
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchSimilarRequest
+    ) -> list[vector_pb2.ScoredItem]:
         top_k = convert.top_k(request.top_k)
         ef_search = convert.ef_search(request)
         threshold = convert.score_threshold(request)
         filter_json = convert.filter_json(request.filter)
         hits = Hits(with_vector=request.with_vector, with_metadata=request.with_metadata)
-        async with self._searching(caller, request.collection) as search:
-            vector = convert.vector_value(request.vector, search.spec, "vector")
-            plan = await _plan(search, filter_json, top_k, exact=request.exact)
-            async with search.transaction(
-                index=not plan.exact, ef_search=ef_search, max_scan_tuples=plan.max_scan_tuples
-            ):
-                rows = await search.similar(vector, top_k, filter_json, exact=plan.exact, hits=hits)
-            spec = search.spec
-        for row in rows:
-            distance = row["distance"]
-            score = convert.score(spec, distance)
-            if threshold is not None and score < threshold:
-                break  # best first: every later hit scores lower still
-            hit = vector_pb2.ScoredItem(score=score, distance=distance)
-            convert.item_to_proto(row, spec, hits, hit.item)
-            yield hit
+        spec = await self._spec(uow, caller, request.collection)
+        vector = convert.vector_value(request.vector, spec, "vector")
+        search = await item_search(uow, spec)
+        try:
+            rows = await search.similar(
+                vector, top_k, filter_json, exact=request.exact, hits=hits, ef_search=ef_search
+            )
+        except asyncpg.UndefinedTableError:
+            raise await self._vanished(uow, caller, request.collection) from None
+        return convert.scored_items(rows, spec, hits, threshold)
 
     async def search_text(
-        self, caller: Principal, request: vector_pb2.SearchTextRequest
-    ) -> AsyncIterator[vector_pb2.ScoredItem]:
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchTextRequest
+    ) -> list[vector_pb2.ScoredItem]:
         query = _query(request.query, required=True)
         top_k = convert.top_k(request.top_k)
         filter_json = convert.filter_json(request.filter)
-        async with self._searching(caller, request.collection) as search:
-            hits = Hits()
+        hits = Hits()
+        spec = await self._spec(uow, caller, request.collection)
+        search = await item_search(uow, spec)
+        try:
             rows = await search.text(query, top_k, filter_json, hits)
-            spec = search.spec
-        for row in rows:
-            hit = vector_pb2.ScoredItem(score=row["score"])
-            convert.item_to_proto(row, spec, hits, hit.item)
-            yield hit
+        except asyncpg.UndefinedTableError:
+            raise await self._vanished(uow, caller, request.collection) from None
+        return convert.scored_items(rows, spec, hits)
 
     async def hybrid_search(
-        self, caller: Principal, request: vector_pb2.HybridSearchRequest
-    ) -> AsyncIterator[vector_pb2.ScoredItem]:
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.HybridSearchRequest
+    ) -> list[vector_pb2.ScoredItem]:
         query = _query(request.query, required=True)
         top_k = convert.top_k(request.top_k)
         rrf_k = request.rrf_k or DEFAULT_RRF_K
@@ -259,31 +277,18 @@ class VectorService:
             raise errors.InvalidArgument("rrf_k", "must be between 1 and 10000")
         filter_json = convert.filter_json(request.filter)
         hits = Hits()
-        async with self._searching(caller, request.collection) as search:
-            vector = convert.vector_value(request.vector, search.spec, "vector")
-            candidates = max(top_k, HYBRID_CANDIDATES)
-            plan = await _plan(search, filter_json, candidates, exact=False)
-            async with search.transaction(
-                index=not plan.exact, max_scan_tuples=plan.max_scan_tuples
-            ):
-                rows = await search.hybrid(
-                    vector,
-                    query,
-                    top_k,
-                    candidates,
-                    rrf_k,
-                    filter_json,
-                    exact=plan.exact,
-                    hits=hits,
-                )
-            spec = search.spec
-        for row in rows:
-            hit = vector_pb2.ScoredItem(score=row["score"], distance=row["distance"])
-            convert.item_to_proto(row, spec, hits, hit.item)
-            yield hit
+        spec = await self._spec(uow, caller, request.collection)
+        vector = convert.vector_value(request.vector, spec, "vector")
+        search = await item_search(uow, spec)
+        candidates = max(top_k, HYBRID_CANDIDATES)
+        try:
+            rows = await search.hybrid(vector, query, top_k, candidates, rrf_k, filter_json, hits)
+        except asyncpg.UndefinedTableError:
+            raise await self._vanished(uow, caller, request.collection) from None
+        return convert.scored_items(rows, spec, hits)
 
     async def check_duplicate(
-        self, caller: Principal, request: vector_pb2.CheckDuplicateRequest
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.CheckDuplicateRequest
     ) -> vector_pb2.CheckDuplicateResponse:
         if "\x00" in request.url:
             raise errors.InvalidArgument("url", "must not contain NUL characters")
@@ -295,22 +300,18 @@ class VectorService:
             raise errors.InvalidArgument("threshold", "must be between -1 and 1")
         if url is None and not request.vector:
             raise errors.InvalidArgument("vector", "give a vector, a url, or both")
-        async with self._searching(caller, request.collection) as search:
-            vector = (
-                convert.vector_value(request.vector, search.spec, "vector")
-                if request.vector
-                else None
-            )
-            if url is not None:
-                match = await search.by_url(url)
-                if match is not None:
-                    return vector_pb2.CheckDuplicateResponse(
-                        is_duplicate=True,
-                        kind=common_pb2.DUPLICATE_KIND_URL,
-                        match_id=match,
-                        score=1.0,
-                    )
+        spec = await self._spec(uow, caller, request.collection)
+        vector = convert.vector_value(request.vector, spec, "vector") if request.vector else None
+        search = await item_search(uow, spec)
+        try:
+            match = None if url is None else await search.by_url(url)
+            if match is not None:
+                return vector_pb2.CheckDuplicateResponse(
+                    is_duplicate=True, kind=common_pb2.DUPLICATE_KIND_URL, match_id=match, score=1.0
+                )
             nearest = None if vector is None else await search.nearest_by_cosine(vector)
+        except asyncpg.UndefinedTableError:
+            raise await self._vanished(uow, caller, request.collection) from None
         if nearest is None:
             return vector_pb2.CheckDuplicateResponse()
         similarity = 1.0 - nearest["distance"]
@@ -327,37 +328,6 @@ class VectorService:
         )
 
 
-def _not_found(name: str) -> errors.NotFound:
-    return errors.NotFound(f"collection {name!r} not found")
-
-
-@dataclass(frozen=True, slots=True)
-class _ScanPlan:
-    exact: bool
-    max_scan_tuples: int | None = None
-
-
-async def _plan(
-    search: ItemSearch, filter_json: str | None, wanted: int, *, exact: bool
-) -> _ScanPlan:
-    """Exact when asked, or when the filter is so selective that scoring every
-    match beats walking the graph (and cannot miss). Otherwise an iterative
-    index scan, allowed to visit enough tuples to meet `wanted` matches twice
-    over at the filter's selectivity."""
-    if exact:
-        return _ScanPlan(exact=True)
-    if filter_json is None:
-        return _ScanPlan(exact=False)
-    matches, total = await search.count_matching(filter_json, EXACT_FILTER_LIMIT)
-    if matches < EXACT_FILTER_LIMIT:
-        return _ScanPlan(exact=True)
-    needed = math.ceil(2 * wanted * max(total, matches) / matches)
-    return _ScanPlan(
-        exact=False,
-        max_scan_tuples=max(DEFAULT_MAX_SCAN_TUPLES, min(needed, MAX_SCAN_TUPLES)),
-    )
-
-
 def _query(value: str, *, required: bool) -> str:
     if "\x00" in value:
         raise errors.InvalidArgument("query", "must not contain NUL characters")
@@ -371,11 +341,11 @@ class _Upsert:
     move each batch into the collection with one upsert, report bad items by
     their index in the whole stream."""
 
-    def __init__(self, conn: AsyncConnection, caller: Principal, spec: CollectionSpec) -> None:
-        self._conn = conn
+    def __init__(self, uow: UnitOfWork, caller: Principal, spec: CollectionSpec) -> None:
+        self._uow = uow
         self._caller = caller
         self._spec = spec
-        self._repo = CollectionRepository(conn)
+        self._repo = CollectionRepository(uow)
         self._errors = bulk.ItemErrors()
         self._received = 0
         self._valid = 0
@@ -396,7 +366,7 @@ class _Upsert:
         await self._repo.stage(batch)
         repeated = len({record[1] for record in batch}) < len(batch)
         await bulk.move_in_halves(
-            self._conn,
+            self._uow,
             lambda first, last: self._repo.move_staged(
                 self._spec, first, last, repeated_ids=repeated
             ),
@@ -422,7 +392,7 @@ class _Upsert:
         if batch:
             await self._flush(batch)
         upserted = self._valid - self._errors.refused
-        await AuditRepository(self._conn).record(
+        await AuditRepository(self._uow.conn).record(
             self._caller,
             "vectors.items.upsert",
             _resource(self._spec),

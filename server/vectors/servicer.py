@@ -1,4 +1,4 @@
-"""VectorService over gRPC: proto in, service call, proto out."""
+"""VectorService over gRPC: proto in, one unit of work, service call, proto out."""
 
 from __future__ import annotations
 
@@ -9,73 +9,128 @@ import grpc
 from google.protobuf import empty_pb2
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 
+from server import errors
 from server.auth import principal
+from server.uow import Database
 from server.vectors.service import VectorService
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+class NotServedYet(errors.ObservatoryError):
+    """An RPC of the released contract that this server does not serve yet."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+    reason = "NOT_IMPLEMENTED"
+
+
 class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
-    def __init__(self, service: VectorService) -> None:
+    def __init__(self, service: VectorService, units: Database) -> None:
         self._service = service
+        self._db = units
 
     async def CreateCollection(
         self, request: vector_pb2.CreateCollectionRequest, context: Context
     ) -> vector_pb2.Collection:
-        return await self._service.create_collection(
-            principal(), request.collection, request.request_id
-        )
+        async with self._db.write() as uow:
+            return await self._service.create_collection(
+                uow, principal(), request.collection, request.request_id
+            )
 
     async def GetCollection(
         self, request: vector_pb2.GetCollectionRequest, context: Context
     ) -> vector_pb2.Collection:
-        return await self._service.get_collection(principal(), request.name)
+        async with self._db.read() as uow:
+            return await self._service.get_collection(uow, principal(), request.name)
 
     async def DeleteCollection(
         self, request: vector_pb2.DeleteCollectionRequest, context: Context
     ) -> empty_pb2.Empty:
-        await self._service.delete_collection(principal(), request.name)
+        async with self._db.write() as uow:
+            await self._service.delete_collection(uow, principal(), request.name)
         return empty_pb2.Empty()
 
     async def ListCollections(
         self, request: vector_pb2.ListCollectionsRequest, context: Context
     ) -> vector_pb2.ListCollectionsResponse:
-        return await self._service.list_collections(principal(), request)
+        async with self._db.snapshot() as uow:
+            return await self._service.list_collections(uow, principal(), request)
 
     async def UpsertItems(
         self, request_iterator: AsyncIterator[vector_pb2.UpsertItemsRequest], context: Context
     ) -> vector_pb2.UpsertItemsResponse:
-        return await self._service.upsert_items(principal(), request_iterator)
+        # The unit opens once the first message is in: a client slow to start
+        # holds no connection.
+        first = await anext(request_iterator, None)
+        if first is None:
+            return vector_pb2.UpsertItemsResponse()
+        async with self._db.write() as uow:
+            return await self._service.upsert_items(uow, principal(), first, request_iterator)
 
     async def GetItem(
         self, request: vector_pb2.GetItemRequest, context: Context
     ) -> vector_pb2.Item:
+        # Coalesced point reads: they take their units themselves.
         return await self._service.get_item(principal(), request)
 
     async def DeleteItems(
         self, request: vector_pb2.DeleteItemsRequest, context: Context
     ) -> vector_pb2.DeleteItemsResponse:
-        return await self._service.delete_items(principal(), request)
+        async with self._db.write() as uow:
+            return await self._service.delete_items(uow, principal(), request)
+
+    # Searches fetch their hits whole on a read unit and stream them after it
+    # has given its connection back.
 
     async def SearchSimilar(
         self, request: vector_pb2.SearchSimilarRequest, context: Context
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
-        async for hit in self._service.search_similar(principal(), request):
+        async with self._db.read() as uow:
+            hits = await self._service.search_similar(uow, principal(), request)
+        for hit in hits:
             yield hit
 
     async def SearchText(
         self, request: vector_pb2.SearchTextRequest, context: Context
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
-        async for hit in self._service.search_text(principal(), request):
+        async with self._db.read() as uow:
+            hits = await self._service.search_text(uow, principal(), request)
+        for hit in hits:
             yield hit
 
     async def HybridSearch(
         self, request: vector_pb2.HybridSearchRequest, context: Context
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
-        async for hit in self._service.hybrid_search(principal(), request):
+        async with self._db.read() as uow:
+            hits = await self._service.hybrid_search(uow, principal(), request)
+        for hit in hits:
             yield hit
 
     async def CheckDuplicate(
         self, request: vector_pb2.CheckDuplicateRequest, context: Context
     ) -> vector_pb2.CheckDuplicateResponse:
-        return await self._service.check_duplicate(principal(), request)
+        async with self._db.read() as uow:
+            return await self._service.check_duplicate(uow, principal(), request)
+
+    # Released in the contract, served by later work; until then an explicit
+    # UNIMPLEMENTED (the generated base class would end in INTERNAL).
+
+    async def SearchSimilarBatch(
+        self, request: vector_pb2.SearchSimilarBatchRequest, context: Context
+    ) -> vector_pb2.SearchSimilarBatchResponse:
+        raise NotServedYet("SearchSimilarBatch is not served yet")
+
+    async def ListItems(
+        self, request: vector_pb2.ListItemsRequest, context: Context
+    ) -> vector_pb2.ListItemsResponse:
+        raise NotServedYet("ListItems is not served yet")
+
+    async def CountItems(
+        self, request: vector_pb2.CountItemsRequest, context: Context
+    ) -> vector_pb2.CountItemsResponse:
+        raise NotServedYet("CountItems is not served yet")
+
+    async def CreateMetadataIndex(
+        self, request: vector_pb2.CreateMetadataIndexRequest, context: Context
+    ) -> vector_pb2.Collection:
+        raise NotServedYet("CreateMetadataIndex is not served yet")

@@ -9,7 +9,7 @@ import pytest
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 
 from tests.helpers import error_details, expect_rpc_error, in_processes, new_caller
-from tests.vector_helpers import clustered, collection_name, create_collection, items, upsert
+from tests.vectors.helpers import clustered, collection_name, create_collection, items, upsert
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("drop_vector_collections")]
 

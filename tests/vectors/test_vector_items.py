@@ -1,14 +1,17 @@
 """UpsertItems, GetItem and DeleteItems: insert or replace by id, bad items
 reported by index with the rest kept."""
 
+import asyncio
 import math
 
 import grpc
 import pytest
 from observatory.v1 import vector_pb2
 
-from tests.helpers import expect_rpc_error
-from tests.vector_helpers import clustered, create_collection, items, upsert
+from server.vectors import repository
+from server.vectors.repository import CollectionRepository
+from tests.helpers import expect_rpc_error, new_caller
+from tests.vectors.helpers import clustered, collection_name, create_collection, items, upsert
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("drop_vector_collections")]
 
@@ -132,3 +135,93 @@ async def test_delete_items_counts_what_existed(vector_stub, alice):
         )
     )
     assert details.fields == ["ids[1]"]
+
+
+async def test_concurrent_gets_of_mixed_callers_see_only_their_own_items(vector_stub, alice, bob):
+    # Same collection name, same item ids, different owners: the coalesced
+    # reads answer each caller from their own collection only.
+    name = collection_name()
+    for caller in (alice, bob):
+        await create_collection(vector_stub, caller, 2, name=name)
+        batch = [
+            vector_pb2.Item(id=f"item-{i}", vector=[float(i), 1.0], text=f"{caller.user_id}:{i}")
+            for i in range(20)
+        ]
+        await upsert(vector_stub, caller, name, batch)
+    carol = new_caller()  # no collection of that name
+
+    async def get(caller, i):
+        return await _get(vector_stub, caller, name, f"item-{i}", with_vector=i % 2 == 0)
+
+    calls = [(caller, i) for i in range(25) for caller in (alice, bob, carol)]
+    results = await asyncio.gather(*(get(c, i) for c, i in calls), return_exceptions=True)
+    for (caller, i), result in zip(calls, results, strict=True):
+        if caller is carol or i >= 20:
+            assert isinstance(result, grpc.aio.AioRpcError), result
+            assert result.code() == grpc.StatusCode.NOT_FOUND
+            continue
+        assert not isinstance(result, BaseException), result
+        assert result.text == f"{caller.user_id}:{i}"
+        assert list(result.vector) == ([float(i), 1.0] if i % 2 == 0 else [])
+
+
+async def test_get_after_another_process_re_created_the_collection(vector_stub, alice, db):
+    name = await create_collection(vector_stub, alice, 2)
+    await upsert(vector_stub, alice, name, [vector_pb2.Item(id="a", vector=[1, 2], text="old")])
+    assert (await _get(vector_stub, alice, name, "a")).text == "old"  # now cached
+    # Another server process deletes it and makes a new one of the same name.
+    old_id = await db.fetchval(
+        "DELETE FROM vector_collections WHERE owner_id = $1 AND name = $2 RETURNING id",
+        alice.user_id,
+        name,
+    )
+    await db.execute(f'DROP TABLE "vector_items_{old_id.hex}"')
+    new_id = await db.fetchval(
+        "INSERT INTO vector_collections (owner_id, name, dimension, metric, precision, hnsw_m, "
+        "hnsw_ef_construction) VALUES ($1, $2, 2, 'cosine', 'float32', 16, 64) RETURNING id",
+        alice.user_id,
+        name,
+    )
+    await db.execute(
+        f'CREATE TABLE "vector_items_{new_id.hex}" PARTITION OF vector_items '
+        f"FOR VALUES IN ('{new_id}')"
+    )
+    await db.execute(
+        "INSERT INTO vector_items (collection_id, owner_id, id, embedding, text) "
+        "VALUES ($1, $2, 'a', '[3,4]', 'new')",
+        new_id,
+        alice.user_id,
+    )
+    assert (await _get(vector_stub, alice, name, "a")).text == "new"
+    await db.execute(f'DROP TABLE "vector_items_{new_id.hex}"')
+    await db.execute("DELETE FROM vector_collections WHERE id = $1", new_id)
+    details = await expect_rpc_error(_get(vector_stub, alice, name, "a"))
+    assert details.code == grpc.StatusCode.NOT_FOUND
+    assert "collection" in details.message
+
+
+async def test_rpcs_not_served_yet_say_so(vector_stub, alice):
+    details = await expect_rpc_error(
+        vector_stub.CountItems(
+            vector_pb2.CountItemsRequest(collection="c"), metadata=alice.metadata
+        )
+    )
+    assert details.code == grpc.StatusCode.UNIMPLEMENTED
+    assert details.reason == "NOT_IMPLEMENTED"
+
+
+async def test_reads_by_collection_touch_only_that_collections_partition(app, vector_stub, alice):
+    # With many collections, a statement that joined or correlated to all of
+    # vector_items would plan, lock and open every partition.
+    names = [await create_collection(vector_stub, alice, 2) for _ in range(4)]
+    async with app.units.read() as uow:
+        specs = [await CollectionRepository(uow).find(alice.user_id, name) for name in names]
+        for statement, args in (
+            (repository.ITEMS_BY_KEY, ([specs[1].id], ["a", "b"])),
+            (repository.COUNT_ITEMS, ([specs[1].id],)),
+        ):
+            rows = await uow.driver.fetch(f"EXPLAIN {statement}", *args)
+            plan = "\n".join(row[0] for row in rows)
+            assert specs[1].partition.strip('"') in plan, plan
+            others = [s.partition.strip('"') for s in specs if s is not specs[1]]
+            assert not any(other in plan for other in others), plan

@@ -2,6 +2,7 @@
 clustered data set, checked against numpy's exact answers."""
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import numpy as np
@@ -9,11 +10,13 @@ import pytest
 import pytest_asyncio
 from observatory.v1 import common_pb2, vector_pb2
 
-from server.app import App
-from server.vectors import service as vector_service
-from server.vectors.repository import ItemSearch, lookup_collection, with_vector_codecs
+from server.db import create_engine
+from server.uow import Database
+from server.vectors import repository
+from server.vectors.repository import CollectionRepository, CollectionSpec, Hits, item_search
+from tests.conftest import make_settings
 from tests.helpers import expect_rpc_error, new_caller
-from tests.vector_helpers import (
+from tests.vectors.helpers import (
     clustered,
     create_collection,
     exact_top,
@@ -153,20 +156,57 @@ async def test_a_one_percent_filter_still_returns_top_k(vector_stub, owner, cosi
     assert all(h.item.metadata["group"] == 7 for h in hits)
 
 
-async def test_a_selective_filter_through_the_index_still_returns_top_k(
-    vector_stub, owner, cosine, data, queries, monkeypatch
+async def test_a_filter_matching_fewer_than_top_k_returns_every_match_in_order(
+    vector_stub, owner, cosine, data, queries
 ):
-    # With the exact fallback off, iterative index scans must find the matches.
-    monkeypatch.setattr(vector_service, "EXACT_FILTER_LIMIT", 1)
+    # 30 items match: the index scan comes up short, the exact fallback scores all.
     query = queries[3]
     hits = await search(
-        vector_stub, owner, collection=cosine, vector=query, top_k=10, filter={"group": 11}
+        vector_stub, owner, collection=cosine, vector=query, top_k=50, filter={"group": 11}
     )
     members = np.arange(COUNT)[np.arange(COUNT) % GROUPS == 11]
+    truth = [int(members[i]) for i in exact_top(data[members], query, len(members))]
+    assert [index_of(h) for h in hits] == truth
+
+
+@pytest_asyncio.fixture
+async def units(database_url) -> AsyncIterator[Database]:
+    """Units of a pool of their own: tests that change planner settings on a
+    connection leave the server's pool alone."""
+    database = Database(create_engine(make_settings(), database_url))
+    yield database
+    await database.dispose()
+
+
+async def _spec(units: Database, owner, name: str) -> CollectionSpec:
+    async with units.read() as uow:
+        spec = await CollectionRepository(uow).find(owner.user_id, name)
+    assert spec is not None
+    return spec
+
+
+async def test_a_selective_filter_is_answered_by_the_index_scan_alone(
+    units, owner, cosine, data, queries
+):
+    # Iterative index scans must find the 1% of matches on their own: the
+    # planner may not take the metadata index here, and the exact fallback
+    # never runs.
+    spec = await _spec(units, owner, cosine)
+    query = queries[3]
+    async with units.read() as uow:
+        await uow.use_settings({"enable_bitmapscan": "off", "enable_seqscan": "off"})
+        search = await item_search(uow, spec)
+        rows = await search.similar(query, 10, '{"group": 11}', exact=False, hits=Hits())
+        plan = await search.explain_similar(query, 10, '{"group": 11}', exact=False, analyze=True)
+    members = np.arange(COUNT)[np.arange(COUNT) % GROUPS == 11]
     truth = [int(members[i]) for i in exact_top(data[members], query, 10)]
-    assert len(hits) == 10
-    assert recall([index_of(h) for h in hits], truth) >= 0.8
-    assert all(index_of(h) % GROUPS == 11 for h in hits)
+    found = [int(row["id"].removeprefix("item-")) for row in rows]
+    index = spec.index_name.strip('"')
+    assert f"Index Scan using {index}" in plan, plan
+    assert "(never executed)" in plan, plan  # the exact fallback
+    assert len(found) == 10 and all(i % GROUPS == 11 for i in found)
+    assert recall(found, truth) >= 0.8
+    assert [row["distance"] for row in rows] == sorted(row["distance"] for row in rows)
 
 
 async def test_top_k_above_ef_search_is_still_filled(vector_stub, owner, cosine, queries):
@@ -203,44 +243,73 @@ async def test_vectors_and_metadata_only_when_asked(vector_stub, owner, cosine, 
     assert "group" in full[0].item.metadata
 
 
-async def _plan(app: App, owner, name: str, query, *, exact: bool, filter_json=None) -> str:
-    async with app.db.lookup() as driver:
-        await with_vector_codecs(driver)
-        spec = await lookup_collection(driver, owner.user_id, name)
-        assert spec is not None
-        return await ItemSearch(driver, spec).explain_similar(query, 10, filter_json, exact=exact)
+async def _plan(units: Database, spec: CollectionSpec, query, *, exact: bool, filter_json=None):
+    async with units.read() as uow:
+        search = await item_search(uow, spec)
+        return await search.explain_similar(query, 10, filter_json, exact=exact)
 
 
-async def test_searches_use_the_collections_own_hnsw_index(app, owner, cosine, queries):
-    async with app.db.lookup() as driver:
-        spec = await lookup_collection(driver, owner.user_id, cosine)
-        assert spec is not None
-        await driver.execute(f"ANALYZE {spec.partition}")  # as autovacuum would
+async def test_searches_use_the_collections_own_hnsw_index(units, owner, cosine, queries):
+    spec = await _spec(units, owner, cosine)
+    async with units.read() as uow:
+        await uow.driver.execute(f"ANALYZE {spec.partition}")  # as autovacuum would
     index = spec.index_name.strip('"')
-    plan = await _plan(app, owner, cosine, queries[0], exact=False)
+    plan = await _plan(units, spec, queries[0], exact=False)
     assert f"Index Scan using {index}" in plan, plan
-    filtered = await _plan(
-        app, owner, cosine, queries[0], exact=False, filter_json='{"even": true}'
-    )
+    filtered = await _plan(units, spec, queries[0], exact=False, filter_json='{"even": true}')
     assert f"Index Scan using {index}" in filtered, filtered
-    exact = await _plan(app, owner, cosine, queries[0], exact=True)
+    exact = await _plan(units, spec, queries[0], exact=True)
     assert index not in exact, exact
 
 
-async def test_ef_search_does_not_leak_to_later_queries(app, vector_stub, owner, cosine, queries):
-    await search(vector_stub, owner, collection=cosine, vector=queries[0], top_k=5, ef_search=321)
-    for _ in range(app.db.engine.pool.size()):
-        async with app.db.lookup() as driver:
-            assert await driver.fetchval("SELECT current_setting('hnsw.ef_search', true)") in (
-                None,
-                "",
-                "40",
-            )
-            assert await driver.fetchval("SELECT current_setting('hnsw.iterative_scan', true)") in (
-                None,
-                "",
-                "off",
-            )
+async def _hnsw_settings(uow) -> dict[str, str]:
+    return {
+        name: await uow.driver.fetchval(f"SELECT current_setting('{name}', true)")
+        for name in repository.index_search_settings()
+    }
+
+
+async def test_a_search_runs_with_its_own_hnsw_settings(app, owner, cosine, queries):
+    spec = await _spec(app.units, owner, cosine)
+    async with app.units.read() as uow:
+        search = await item_search(uow, spec)
+        await search.similar(queries[0], 5, None, exact=False, hits=Hits(), ef_search=321)
+        assert await _hnsw_settings(uow) == {
+            "hnsw.ef_search": "321",
+            "hnsw.iterative_scan": "relaxed_order",
+            "hnsw.max_scan_tuples": str(repository.MAX_SCAN_TUPLES),
+            "hnsw.scan_mem_multiplier": str(repository.SCAN_MEM_MULTIPLIER),
+        }
+        await search.similar(queries[0], 5, '{"even": true}', exact=False, hits=Hits())
+        assert (await _hnsw_settings(uow))["hnsw.ef_search"] == "40"
+        await search.similar(queries[0], 5, None, exact=False, hits=Hits(), ef_search=77)
+        assert (await _hnsw_settings(uow))["hnsw.ef_search"] == "77"
+
+
+async def test_a_search_after_one_with_another_ef_search_gets_its_own(
+    app, vector_stub, owner, cosine, queries
+):
+    # Through the server: every pooled connection may carry another search's
+    # ef_search; whichever a later search gets, it runs with its own.
+    await asyncio.gather(
+        *(
+            search(vector_stub, owner, collection=cosine, vector=q, top_k=5, ef_search=300 + i)
+            for i, q in enumerate(queries[:8])
+        )
+    )
+    spec = await _spec(app.units, owner, cosine)
+    for ef_search in (None, 55):
+        async with asyncio.TaskGroup() as tasks:
+            for _ in range(8):  # several units at once, so several connections
+                tasks.create_task(_check_ef(app.units, spec, queries[0], ef_search))
+
+
+async def _check_ef(units: Database, spec: CollectionSpec, query, ef_search: int | None) -> None:
+    async with units.read() as uow:
+        search = await item_search(uow, spec)
+        await search.similar(query, 5, None, exact=False, hits=Hits(), ef_search=ef_search)
+        assert await uow.driver.fetchval("SHOW hnsw.ef_search") == str(ef_search or 40)
+        await asyncio.sleep(0.01)
 
 
 async def test_cancelling_the_stream_midway_frees_its_connection(
@@ -260,10 +329,10 @@ async def test_cancelling_the_stream_midway_frees_its_connection(
             break
     assert received == 5
     for _ in range(100):
-        if app.db.engine.pool.checkedout() == 0:
+        if app.units.pool.checkedout() == 0:
             break
         await asyncio.sleep(0.05)
-    assert app.db.engine.pool.checkedout() == 0
+    assert app.units.pool.checkedout() == 0
 
 
 async def test_search_validates_its_input(vector_stub, owner, cosine):
