@@ -1,13 +1,14 @@
-"""All SQL for vectors. Never commits: the caller's unit of work does.
+"""All SQL for vectors, run on the caller's unit of work; nothing here begins
+or commits.
 
 Storage: `vector_items` is LIST-partitioned by collection. CreateCollection
 makes the collection's partition and, on it, an HNSW index over the
 expression `(embedding::vector(D))` (or `(embedding_half::halfvec(D))`) with
-the collection's operator class, m and ef_construction. Every statement names
+the collection's operator class, m and ef_construction. Every search names
 the partition itself, and index searches order by exactly that expression, so
-PostgreSQL uses the collection's own index (tests/test_vector_search.py checks
-the plan). Exact searches order by the bare column instead, which no index
-matches. Partition and index names derive from the collection's
+PostgreSQL uses the collection's own index (tests/vectors/test_search.py
+checks the plan). Exact searches order by the bare column instead, which no
+index matches. Partition and index names derive from the collection's
 server-generated UUID; dimensions, m and ef_construction are validated ints;
 no client text ever reaches the SQL other than as a bind parameter.
 """
@@ -17,22 +18,20 @@ from __future__ import annotations
 import json
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
-from pgvector.asyncpg import register_vector
-from sqlalchemy import bindparam, func, select, tuple_
+from pgvector import HalfVector, Vector
+from sqlalchemy import bindparam, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from server import errors
-from server.db import PreparedStatement, driver_connection, rows_affected
-from server.vectors.tables import vector_collections, vector_items
+from server.db import PreparedStatement, rows_affected
+from server.uow import UnitOfWork
+from server.vectors.tables import vector_collections
 
 # pgvector's operator and HNSW operator-class suffix per metric.
 _OPERATORS = {"cosine": "<=>", "l2": "<->", "inner_product": "<#>"}
@@ -53,6 +52,29 @@ STAGED_COLUMNS = (
 )
 # What a hit carries besides its distance; vector and metadata on request.
 _HIT_COLUMNS = ("id", "text", "content_id", "url")
+
+# The session settings every index search states (the pooled connection keeps
+# them, see UnitOfWork.use_settings; only ef_search varies, so consecutive
+# searches on a connection cost no extra round trip). Iterative scans let a
+# filter that discards candidates still yield top_k: the scan goes on, in
+# relaxed order (hits are sorted again outside), until it has top_k or has
+# visited MAX_SCAN_TUPLES tuples; a search that comes up short then falls back
+# to scoring every match exactly (see `nearest_sql`), so the bound caps only
+# the index scan's wasted work, never the answer.
+DEFAULT_EF_SEARCH = 40
+MAX_SCAN_TUPLES = 20_000
+SCAN_MEM_MULTIPLIER = 2
+_SCAN_SETTINGS = {
+    "hnsw.iterative_scan": "relaxed_order",
+    "hnsw.max_scan_tuples": str(MAX_SCAN_TUPLES),
+    "hnsw.scan_mem_multiplier": str(SCAN_MEM_MULTIPLIER),
+}
+
+
+@lru_cache(maxsize=64)
+def index_search_settings(ef_search: int = DEFAULT_EF_SEARCH) -> Mapping[str, str]:
+    """Every hnsw setting an index search depends on, for `use_settings`."""
+    return {"hnsw.ef_search": str(int(ef_search)), **_SCAN_SETTINGS}
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,38 +123,87 @@ class CollectionSpec:
         return f"{_STORAGE[self.precision][1]}_{_OPCLASS_SUFFIX[self.metric]}"
 
 
+# Connections that have pgvector's binary codecs (they live as long as it).
 _codecs_ready: weakref.WeakSet[asyncpg.Connection] = weakref.WeakSet()
 
 
-async def with_vector_codecs(driver: asyncpg.Connection) -> asyncpg.Connection:
-    """`driver` with pgvector's binary codecs for vector and halfvec (registered
-    once per connection: they need the extension, which the migration makes)."""
+async def with_vector_codecs(uow: UnitOfWork) -> UnitOfWork:
+    """`uow` with binary codecs for vector and halfvec on its connection:
+    registered once per pooled connection (two type look-ups), a set
+    membership test afterwards."""
+    driver = uow.driver
     if driver not in _codecs_ready:
-        await register_vector(driver)
+        await driver.set_type_codec(
+            "vector",
+            schema="public",
+            encoder=lambda v: (v if isinstance(v, Vector) else Vector(v)).to_binary(),
+            decoder=Vector.from_binary,
+            format="binary",
+        )
+        await driver.set_type_codec(
+            "halfvec",
+            schema="public",
+            encoder=lambda v: (v if isinstance(v, HalfVector) else HalfVector(v)).to_binary(),
+            decoder=HalfVector.from_binary,
+            format="binary",
+        )
         _codecs_ready.add(driver)
-    return driver
+    return uow
 
 
-_GET_COLLECTION = PreparedStatement(
+_FIND_COLLECTION = PreparedStatement(
     select(vector_collections).where(
         vector_collections.c.owner_id == bindparam("owner_id"),
         vector_collections.c.name == bindparam("name"),
     )
 )
+# Items per collection, pruned to those collections' partitions.
+COUNT_ITEMS = (
+    "SELECT collection_id, count(*) AS count FROM vector_items "
+    "WHERE collection_id = ANY($1::uuid[]) GROUP BY collection_id"
+)
+# Coalesced look-ups (server.coalesce.PointReads): by (owner_id, name) pairs.
+_COLLECTIONS_BY_KEY = (
+    "SELECT c.* FROM unnest($1::uuid[], $2::text[]) AS k(owner_id, name) "
+    "JOIN vector_collections AS c ON c.owner_id = k.owner_id AND c.name = k.name"
+)
+# Items by (collection_id, id) pairs across collections: `collection_id =
+# ANY` prunes to those collections' partitions (a join would scan them all);
+# the rows of other pairs of the cross product are ignored by the caller. Both
+# vector columns (one of them null): the caller picks what the request asked for.
+ITEMS_BY_KEY = (
+    "SELECT collection_id, id, text, metadata, content_id, url, embedding, embedding_half "
+    "FROM vector_items WHERE collection_id = ANY($1::uuid[]) AND id = ANY($2::text[])"
+)
 
 
-async def lookup_collection(
-    driver: asyncpg.Connection, owner_id: uuid.UUID, name: str
-) -> CollectionSpec | None:
-    row = await _GET_COLLECTION.fetchrow(driver, owner_id=owner_id, name=name)
-    return None if row is None else CollectionSpec.from_row(row)
+async def collections_by_key(
+    uow: UnitOfWork, keys: Sequence[tuple[uuid.UUID, str]]
+) -> list[asyncpg.Record]:
+    """The collections of those (owner_id, name) pairs that exist."""
+    return list(
+        await uow.driver.fetch(
+            _COLLECTIONS_BY_KEY, [owner for owner, _ in keys], [name for _, name in keys]
+        )
+    )
+
+
+async def items_by_key(
+    uow: UnitOfWork, keys: Sequence[tuple[uuid.UUID, str]]
+) -> list[asyncpg.Record]:
+    """The items of those (collection_id, id) pairs that exist (and maybe
+    others of the same collections and ids), any owner's: the caller knows the
+    collection is theirs."""
+    await with_vector_codecs(uow)
+    collections = list({collection for collection, _ in keys})
+    return list(await uow.driver.fetch(ITEMS_BY_KEY, collections, [item for _, item in keys]))
 
 
 class CollectionRepository:
     """Collections, their partitions and indexes, and item writes."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
-        self._conn = conn
+    def __init__(self, uow: UnitOfWork) -> None:
+        self._uow = uow
 
     async def insert(self, values: dict[str, Any]) -> CollectionSpec | None:
         """The new collection, or None when the owner already has that name."""
@@ -142,20 +213,33 @@ class CollectionRepository:
             .on_conflict_do_nothing(index_elements=["owner_id", "name"])
             .returning(*vector_collections.c)
         )
-        row = (await self._conn.execute(statement)).mappings().first()
+        row = (await self._uow.conn.execute(statement)).mappings().first()
         return None if row is None else CollectionSpec.from_row(row)
 
-    async def get(
-        self, owner_id: uuid.UUID, name: str, *, lock: bool = False
-    ) -> CollectionSpec | None:
-        """One collection; with `lock`, a key-share lock that keeps it from
-        being deleted until the transaction ends (concurrent writers still pass)."""
-        query = select(vector_collections).where(
-            vector_collections.c.owner_id == owner_id, vector_collections.c.name == name
+    async def find(self, owner_id: uuid.UUID, name: str) -> CollectionSpec | None:
+        row = await _FIND_COLLECTION.fetchrow(self._uow.driver, owner_id=owner_id, name=name)
+        return None if row is None else CollectionSpec.from_row(row)
+
+    async def count_items(self, spec: CollectionSpec) -> int:
+        """How many items the collection holds (one statement on its partition)."""
+        count: int = await self._uow.driver.fetchval(f"SELECT count(*) FROM {spec.partition}")
+        return count
+
+    async def count_items_of(self, specs: Sequence[CollectionSpec]) -> dict[uuid.UUID, int]:
+        """Items per collection, for those of `specs` that have any (one
+        statement, pruned to their partitions)."""
+        rows = await self._uow.driver.fetch(COUNT_ITEMS, [spec.id for spec in specs])
+        return {row["collection_id"]: row["count"] for row in rows}
+
+    async def lock(self, owner_id: uuid.UUID, name: str) -> CollectionSpec | None:
+        """One collection, key-share locked until the transaction ends: it
+        cannot be deleted meanwhile, while concurrent writers still pass."""
+        query = (
+            select(vector_collections)
+            .where(vector_collections.c.owner_id == owner_id, vector_collections.c.name == name)
+            .with_for_update(key_share=True)
         )
-        if lock:
-            query = query.with_for_update(key_share=True)
-        row = (await self._conn.execute(query)).mappings().first()
+        row = (await self._uow.conn.execute(query)).mappings().first()
         return None if row is None else CollectionSpec.from_row(row)
 
     async def delete(self, owner_id: uuid.UUID, name: str) -> CollectionSpec | None:
@@ -164,50 +248,40 @@ class CollectionRepository:
             .where(vector_collections.c.owner_id == owner_id, vector_collections.c.name == name)
             .returning(*vector_collections.c)
         )
-        row = (await self._conn.execute(statement)).mappings().first()
+        row = (await self._uow.conn.execute(statement)).mappings().first()
         return None if row is None else CollectionSpec.from_row(row)
-
-    async def count_items(self, collection_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, int]:
-        """Items per collection (those of `collection_ids` that have any)."""
-        query = (
-            select(vector_items.c.collection_id, func.count())
-            .where(vector_items.c.collection_id.in_(collection_ids))
-            .group_by(vector_items.c.collection_id)
-        )
-        return {row[0]: row[1] for row in await self._conn.execute(query)}
 
     async def page(
         self, owner_id: uuid.UUID, *, after: tuple[str, uuid.UUID] | None, limit: int
-    ) -> list[RowMapping]:
+    ) -> list[CollectionSpec]:
+        """A page of the owner's collections by (name, id)."""
         c = vector_collections.c
         query = select(vector_collections).where(c.owner_id == owner_id)
         if after is not None:
             query = query.where(tuple_(c.name, c.id) > tuple_(*after))
         query = query.order_by(c.name, c.id).limit(limit)
-        return list((await self._conn.execute(query)).mappings())
-
-    async def _driver(self) -> asyncpg.Connection:
-        return await with_vector_codecs(await driver_connection(self._conn))
-
-    async def _ddl(self, *statements: str) -> None:
-        # Partition DDL locks vector_items briefly; rather fail (ABORTED, retry)
-        # than queue every other collection's writes behind a long wait.
-        driver = await driver_connection(self._conn)
-        await driver.execute("SELECT set_config('lock_timeout', '10s', true)")
-        for statement in statements:
-            await driver.execute(statement)
+        return [
+            CollectionSpec.from_row(row) for row in (await self._uow.conn.execute(query)).mappings()
+        ]
 
     async def create_storage(self, spec: CollectionSpec) -> None:
-        """The collection's partition and its HNSW index (both empty, so quick)."""
-        await self._ddl(
-            f"CREATE TABLE {spec.partition} PARTITION OF vector_items FOR VALUES IN ('{spec.id}')",
+        """The collection's partition and its HNSW index (both empty, so quick),
+        in one round trip. Partition DDL locks vector_items briefly; rather fail
+        (ABORTED, retry) than queue every other collection's writes behind a
+        long wait: the lock timeout is local to the transaction."""
+        await self._uow.driver.execute(
+            "SELECT set_config('lock_timeout', '10s', true); "
+            f"CREATE TABLE {spec.partition} PARTITION OF vector_items "
+            f"FOR VALUES IN ('{spec.id}'); "
             f"CREATE INDEX {spec.index_name} ON {spec.partition} USING hnsw "
             f"({spec.indexed_expression} {spec.operator_class}) "
-            f"WITH (m = {int(spec.hnsw_m)}, ef_construction = {int(spec.hnsw_ef_construction)})",
+            f"WITH (m = {int(spec.hnsw_m)}, ef_construction = {int(spec.hnsw_ef_construction)})"
         )
 
     async def drop_storage(self, spec: CollectionSpec) -> None:
-        await self._ddl(f"DROP TABLE IF EXISTS {spec.partition}")
+        await self._uow.driver.execute(
+            f"SELECT set_config('lock_timeout', '10s', true); DROP TABLE IF EXISTS {spec.partition}"
+        )
 
     # -- items ----------------------------------------------------------------------
     # An UpsertItems stream is COPYed batch by batch into STAGING_TABLE and moved
@@ -215,8 +289,8 @@ class CollectionRepository:
 
     async def create_staging(self) -> None:
         """A session-private COPY target, dropped when the transaction ends."""
-        driver = await self._driver()
-        await driver.execute(
+        await with_vector_codecs(self._uow)
+        await self._uow.driver.execute(
             f"CREATE TEMP TABLE {STAGING_TABLE} (stream_index bigint, id text, "
             "embedding vector, embedding_half halfvec, text text, metadata jsonb, "
             "content_id uuid, url text, url_normalized text) ON COMMIT DROP"
@@ -224,8 +298,7 @@ class CollectionRepository:
 
     async def stage(self, records: Sequence[tuple[Any, ...]]) -> None:
         """COPYs `records` (the stream index, then STAGED_COLUMNS), in binary."""
-        driver = await self._driver()
-        await driver.copy_records_to_table(
+        await self._uow.driver.copy_records_to_table(
             STAGING_TABLE, records=records, columns=("stream_index", *STAGED_COLUMNS)
         )
 
@@ -236,29 +309,27 @@ class CollectionRepository:
         collection in one statement; returns how many rows were written. With
         `repeated_ids` the last of each id wins (one row may not be upserted
         twice in one statement); without, the rows go in unsorted."""
-        driver = await self._driver()
         columns = ", ".join(STAGED_COLUMNS)
         updates = ", ".join(f"{name} = excluded.{name}" for name in STAGED_COLUMNS[1:])
         distinct, order = (
             ("DISTINCT ON (id) ", " ORDER BY id, stream_index DESC") if repeated_ids else ("", "")
         )
-        status = await driver.execute(
-            f"INSERT INTO {spec.partition} (collection_id, {columns}) "
-            f"SELECT {distinct}'{spec.id}'::uuid, {columns} FROM {STAGING_TABLE} "
-            f"WHERE stream_index BETWEEN $1 AND $2{order} "
-            f"ON CONFLICT (collection_id, id) DO UPDATE SET {updates}, update_time = now()",
+        status = await self._uow.driver.execute(
+            f"INSERT INTO {spec.partition} (collection_id, owner_id, {columns}) "
+            f"SELECT {distinct}'{spec.id}'::uuid, '{spec.owner_id}'::uuid, {columns} "
+            f"FROM {STAGING_TABLE} WHERE stream_index BETWEEN $1 AND $2{order} "
+            "ON CONFLICT (collection_id, id, owner_id) "
+            f"DO UPDATE SET {updates}, update_time = now()",
             first,
             last,
         )
         return rows_affected(status)
 
     async def clear_staging(self) -> None:
-        driver = await driver_connection(self._conn)
-        await driver.execute(f"TRUNCATE {STAGING_TABLE}")
+        await self._uow.driver.execute(f"TRUNCATE {STAGING_TABLE}")
 
     async def delete_items(self, spec: CollectionSpec, ids: Sequence[str]) -> int:
-        driver = await driver_connection(self._conn)
-        status = await driver.execute(
+        status = await self._uow.driver.execute(
             f"DELETE FROM {spec.partition} WHERE id = ANY($1::text[])", list(ids)
         )
         return rows_affected(status)
@@ -285,90 +356,74 @@ def _filter_sql(filtered: bool, parameter: int) -> str:
     return f"metadata @> ${parameter}::jsonb" if filtered else "true"
 
 
-def begin_search_sql(
-    *, index: bool, ef_search: int | None = None, max_scan_tuples: int | None = None
-) -> str:
-    """BEGIN READ ONLY plus, for an index search, SET LOCAL of the HNSW
-    candidate list size and of iterative scans (so that a filter that drops
-    candidates still yields top_k), and how far such a scan may go (validated
-    ints all): one round trip, and nothing outlives the transaction."""
-    statements = ["BEGIN READ ONLY"]
-    if index:
-        statements.append("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        if ef_search is not None:
-            statements.append(f"SET LOCAL hnsw.ef_search = {int(ef_search)}")
-        if max_scan_tuples is not None:
-            statements.append(f"SET LOCAL hnsw.max_scan_tuples = {int(max_scan_tuples)}")
-            # The scan's memory grows with it (the multiplier is of work_mem).
-            statements.append("SET LOCAL hnsw.scan_mem_multiplier = 8")
-    return "; ".join(statements)
-
-
 def _distance(spec: CollectionSpec, exact: bool) -> str:
     target = spec.column if exact else spec.indexed_expression
     return f"{target} {spec.operator} $1"
 
 
-def similar_sql(spec: CollectionSpec, *, exact: bool, filtered: bool, hits: Hits) -> str:
-    """Nearest first. $1 the query vector, $2 the limit, $3 the filter.
-    Relaxed-order index scans may return hits slightly out of order, so the
-    (few) hits are sorted again outside."""
-    inner = (
-        f"SELECT {hits.columns(spec)}, {_distance(spec, exact)} AS distance "
-        f"FROM {spec.partition} WHERE {_filter_sql(filtered, 3)} "
-        "ORDER BY distance LIMIT $2"
+def nearest_sql(
+    spec: CollectionSpec,
+    name: str,
+    columns: str,
+    *,
+    exact: bool,
+    filter_param: int | None,
+    limit: str,
+) -> str:
+    """The CTE `name`: the `limit` items nearest $1 (columns `columns` and
+    `distance`) that pass the filter, unordered.
+
+    Exact: every matching item scored. Index: an (iterative) scan of the
+    collection's HNSW index; a filtered one that comes up short of `limit`
+    (the filter is so selective that the scan hit MAX_SCAN_TUPLES, or fewer
+    items match at all) is answered by scoring every match exactly instead,
+    in the same statement: the fallback costs nothing unless it runs, and no
+    search counts the collection."""
+    where = _filter_sql(filter_param is not None, filter_param or 0)
+    part = spec.partition
+
+    def scan(exact: bool, extra: str = "") -> str:
+        return (
+            f"SELECT {columns}, {_distance(spec, exact)} AS distance FROM {part} "
+            f"WHERE {where}{extra} ORDER BY distance LIMIT {limit}"
+        )
+
+    if exact or filter_param is None:
+        return f"{name} AS MATERIALIZED ({scan(exact)})"
+    short = f"(SELECT count(*) FROM {name}_index) < {limit}"
+    return (
+        f"{name}_index AS MATERIALIZED ({scan(False)}), "
+        f"{name} AS MATERIALIZED ("
+        f"SELECT * FROM {name}_index WHERE NOT {short} "
+        f"UNION ALL ({scan(True, f' AND {short}')}))"
     )
-    return f"WITH hits AS MATERIALIZED ({inner}) SELECT * FROM hits ORDER BY distance, id"
+
+
+@lru_cache(maxsize=4096)
+def similar_sql(spec: CollectionSpec, *, exact: bool, filtered: bool, hits: Hits) -> str:
+    """Nearest first, ties by id. $1 the query vector, $2 the limit, $3 the
+    filter. Relaxed-order index scans may return hits slightly out of order,
+    so the (few) hits are sorted again outside."""
+    cte = nearest_sql(
+        spec,
+        "hits",
+        hits.columns(spec),
+        exact=exact,
+        filter_param=3 if filtered else None,
+        limit="$2",
+    )
+    return f"WITH {cte} SELECT * FROM hits ORDER BY distance, id"
 
 
 class ItemSearch:
-    """Reads of one collection's items, on a bare driver connection. Index
-    searches run inside `transaction()`, which carries their settings."""
+    """Reads of one collection's items on a unit of work whose connection has
+    the vector codecs (see `item_search`). Index searches first make the
+    connection's hnsw settings what they need (`index_search_settings`)."""
 
-    def __init__(self, driver: asyncpg.Connection, spec: CollectionSpec) -> None:
-        self._driver = driver
-        self._spec = spec
-
-    @property
-    def spec(self) -> CollectionSpec:
-        return self._spec
-
-    async def get(self, item_id: str, hits: Hits) -> asyncpg.Record | None:
-        return await self._driver.fetchrow(
-            f"SELECT {hits.columns(self._spec)} FROM {self._spec.partition} WHERE id = $1",
-            item_id,
-        )
-
-    async def count_matching(self, filter_json: str, cap: int) -> tuple[int, int]:
-        """How many items match the filter (counting no further than `cap`),
-        and about how many the collection holds (the planner's estimate)."""
-        row = await self._driver.fetchrow(
-            f"SELECT (SELECT count(*) FROM (SELECT 1 FROM {self._spec.partition} "
-            "WHERE metadata @> $1::jsonb LIMIT $2) AS matching) AS matches, "
-            "(SELECT reltuples::bigint FROM pg_class "
-            f"WHERE oid = '{self._spec.partition}'::regclass) AS total",
-            filter_json,
-            cap,
-        )
-        assert row is not None
-        return int(row["matches"]), int(row["total"])
-
-    @asynccontextmanager
-    async def transaction(
-        self, *, index: bool, ef_search: int | None = None, max_scan_tuples: int | None = None
-    ) -> AsyncIterator[None]:
-        """A read-only transaction for one search; see `begin_search_sql`."""
-        await self._driver.execute(
-            begin_search_sql(index=index, ef_search=ef_search, max_scan_tuples=max_scan_tuples)
-        )
-        try:
-            yield
-        except errors.ObservatoryError:
-            await self._driver.execute("ROLLBACK")
-            raise
-        # Anything else discards the connection (Database.lookup), and its
-        # transaction with it.
-        await self._driver.execute("COMMIT")
+    def __init__(self, uow: UnitOfWork, spec: CollectionSpec) -> None:
+        self._uow = uow
+        self._driver = uow.driver
+        self.spec = spec
 
     async def similar(
         self,
@@ -378,8 +433,11 @@ class ItemSearch:
         *,
         exact: bool,
         hits: Hits,
+        ef_search: int | None = None,
     ) -> list[asyncpg.Record]:
-        sql = similar_sql(self._spec, exact=exact, filtered=filter_json is not None, hits=hits)
+        if not exact:
+            await self._uow.use_settings(index_search_settings(ef_search or DEFAULT_EF_SEARCH))
+        sql = similar_sql(self.spec, exact=exact, filtered=filter_json is not None, hits=hits)
         args = (vector, top_k) if filter_json is None else (vector, top_k, filter_json)
         return list(await self._driver.fetch(sql, *args))
 
@@ -388,9 +446,9 @@ class ItemSearch:
     ) -> list[asyncpg.Record]:
         """Best ts_rank_cd first. Language-agnostic ('simple': no stemming)."""
         rows = await self._driver.fetch(
-            f"SELECT {hits.columns(self._spec, 'i')}, "
+            f"SELECT {hits.columns(self.spec, 'i')}, "
             "ts_rank_cd(i.text_search, q)::float8 AS score "
-            f"FROM {self._spec.partition} AS i, websearch_to_tsquery('simple', $1) AS q "
+            f"FROM {self.spec.partition} AS i, websearch_to_tsquery('simple', $1) AS q "
             f"WHERE i.text_search @@ q AND {_filter_sql(filter_json is not None, 3)} "
             "ORDER BY score DESC, i.id LIMIT $2",
             *((query, top_k) if filter_json is None else (query, top_k, filter_json)),
@@ -405,25 +463,27 @@ class ItemSearch:
         candidates: int,
         rrf_k: int,
         filter_json: str | None,
-        *,
-        exact: bool,
         hits: Hits,
     ) -> list[asyncpg.Record]:
         """Reciprocal-rank fusion: each of the vector ranking and the text
         ranking (their best `candidates` each) adds 1 / (rrf_k + rank)."""
-        part = self._spec.partition
-        where = _filter_sql(filter_json is not None, 6)
+        await self._uow.use_settings(index_search_settings())
+        spec = self.spec
+        part = spec.partition
+        filtered = filter_json is not None
+        by_vector = nearest_sql(
+            spec, "by_vector", "id", exact=False, filter_param=6 if filtered else None, limit="$3"
+        )
         sql = f"""
-            WITH by_vector AS MATERIALIZED (
-                SELECT id, {_distance(self._spec, exact)} AS distance FROM {part}
-                WHERE {where} ORDER BY distance LIMIT $3),
+            WITH {by_vector},
             vector_ranks AS (
                 SELECT id, distance, row_number() OVER (ORDER BY distance, id) AS r
                 FROM by_vector),
             by_text AS MATERIALIZED (
                 SELECT id, ts_rank_cd(text_search, q) AS rank
                 FROM {part}, websearch_to_tsquery('simple', $2) AS q
-                WHERE text_search @@ q AND {where} ORDER BY rank DESC, id LIMIT $3),
+                WHERE text_search @@ q AND {_filter_sql(filtered, 6)}
+                ORDER BY rank DESC, id LIMIT $3),
             text_ranks AS (
                 SELECT id, row_number() OVER (ORDER BY rank DESC, id) AS r FROM by_text),
             fused AS (
@@ -431,18 +491,18 @@ class ItemSearch:
                        coalesce(1.0 / ($5 + v.r), 0) + coalesce(1.0 / ($5 + t.r), 0) AS score
                 FROM vector_ranks AS v FULL JOIN text_ranks AS t ON t.id = v.id
                 ORDER BY score DESC, id LIMIT $4)
-            SELECT {hits.columns(self._spec, "i")}, f.score::float8 AS score,
+            SELECT {hits.columns(spec, "i")}, f.score::float8 AS score,
                    coalesce(f.distance, 0)::float8 AS distance
             FROM fused AS f JOIN {part} AS i ON i.id = f.id
             ORDER BY f.score DESC, f.id"""
         args: tuple[Any, ...] = (vector, query, candidates, top_k, rrf_k)
-        if filter_json is not None:
+        if filtered:
             args += (filter_json,)
         return list(await self._driver.fetch(sql, *args))
 
     async def by_url(self, url_normalized: str) -> str | None:
         item_id: str | None = await self._driver.fetchval(
-            f"SELECT id FROM {self._spec.partition} WHERE url_normalized = $1 ORDER BY id LIMIT 1",
+            f"SELECT id FROM {self.spec.partition} WHERE url_normalized = $1 ORDER BY id LIMIT 1",
             url_normalized,
         )
         return item_id
@@ -450,8 +510,11 @@ class ItemSearch:
     async def nearest_by_cosine(self, vector: Any) -> asyncpg.Record | None:
         """The item nearest to `vector` by cosine distance: through the index
         in a cosine collection, by an exact scan otherwise."""
-        spec = self._spec
-        target = spec.indexed_expression if spec.metric == "cosine" else spec.column
+        spec = self.spec
+        exact = spec.metric != "cosine"
+        if not exact:
+            await self._uow.use_settings(index_search_settings())
+        target = spec.column if exact else spec.indexed_expression
         return await self._driver.fetchrow(
             f"SELECT id, ({target} <=> $1)::float8 AS distance FROM {spec.partition} "
             "ORDER BY distance LIMIT 1",
@@ -459,13 +522,29 @@ class ItemSearch:
         )
 
     async def explain_similar(
-        self, vector: Any, top_k: int, filter_json: str | None, *, exact: bool
+        self,
+        vector: Any,
+        top_k: int,
+        filter_json: str | None,
+        *,
+        exact: bool,
+        ef_search: int | None = None,
+        analyze: bool = False,
     ) -> str:
-        """The plan of a similar() search, for tests and diagnosis."""
-        sql = similar_sql(self._spec, exact=exact, filtered=filter_json is not None, hits=Hits())
+        """The plan of a similar() search with the same settings, for tests and
+        diagnosis; with `analyze`, as it ran."""
+        if not exact:
+            await self._uow.use_settings(index_search_settings(ef_search or DEFAULT_EF_SEARCH))
+        sql = similar_sql(self.spec, exact=exact, filtered=filter_json is not None, hits=Hits())
         args = (vector, top_k) if filter_json is None else (vector, top_k, filter_json)
-        rows = await self._driver.fetch(f"EXPLAIN {sql}", *args)
+        explain = "EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF) " if analyze else "EXPLAIN "
+        rows = await self._driver.fetch(explain + sql, *args)
         return "\n".join(row[0] for row in rows)
+
+
+async def item_search(uow: UnitOfWork, spec: CollectionSpec) -> ItemSearch:
+    """Searches of `spec`'s items on `uow` (its connection gets the codecs)."""
+    return ItemSearch(await with_vector_codecs(uow), spec)
 
 
 def dump_json(value: Any) -> str:
