@@ -37,13 +37,15 @@ def _uuid_pk_default() -> TextClause:
 audit_log = Table(
     "audit_log",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True, server_default=_uuid_pk_default()),
+    Column("id", UUID(as_uuid=True), nullable=False, server_default=_uuid_pk_default()),
+    # Who acted: the tenant of the entry, in its key (docs/scaling.md).
     Column("user_id", UUID(as_uuid=True), nullable=False),
     Column("action", Text, nullable=False),
     Column("resource", Text, nullable=False),
     Column("detail", JSONB, nullable=False, server_default=text("'{}'::jsonb")),
     Column("request_id", Text),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("id", "user_id"),
 )
 Index("ix_audit_log_time", audit_log.c.create_time.desc(), audit_log.c.id.desc())
 Index("ix_audit_log_user_time", audit_log.c.user_id, audit_log.c.create_time.desc())

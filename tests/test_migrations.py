@@ -4,6 +4,7 @@ import asyncio
 import os
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -172,6 +173,219 @@ async def test_duplicates_migration_fills_url_normalized_for_existing_rows(scrat
                 "WHERE table_name = 'content' AND column_name = 'url_normalized'"
             )
             == 0
+        )
+    finally:
+        await conn.close()
+
+
+# -- 0007: shard-ready keys ------------------------------------------------------
+
+SHARD_READY = "0007"
+# Every table whose rows 0007 must keep, with what identifies a row.
+KEPT_TABLES = {
+    "actors": "id",
+    "actor_aliases": "actor_id, alias",
+    "actor_presences": "id",
+    "content": "id",
+    "vector_collections": "id",
+    "vector_items": "collection_id, id",
+    "credit_accounts": "user_id",
+    "credit_allocations": "id",
+    "credit_reservations": "id",
+    "credit_entries": "id",
+    "audit_log": "id",
+    "idempotency_keys": "owner_id, request_id",
+}
+
+
+async def _columns(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    """The columns each of KEPT_TABLES has now (later migrations may add more)."""
+    return {
+        table: [
+            row["attname"]
+            for row in await conn.fetch(
+                "SELECT attname FROM pg_attribute WHERE attrelid = $1::regclass "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                table,
+            )
+        ]
+        for table in KEPT_TABLES
+    }
+
+
+async def _rows(conn: asyncpg.Connection, columns: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Every row of KEPT_TABLES, those `columns` of it, as JSON text."""
+    return {
+        table: [
+            row[0]
+            for row in await conn.fetch(
+                f"SELECT to_jsonb(t)::text FROM (SELECT {', '.join(columns[table])} "
+                f"FROM {table} ORDER BY {order}) t"
+            )
+        ]
+        for table, order in KEPT_TABLES.items()
+    }
+
+
+async def _primary_key(conn: asyncpg.Connection, table: str) -> list[str]:
+    return list(
+        await conn.fetchval(
+            "SELECT array_agg(a.attname ORDER BY k.n) FROM pg_constraint c, "
+            "unnest(c.conkey) WITH ORDINALITY AS k(attnum, n) "
+            "JOIN pg_attribute a ON a.attrelid = $1::regclass AND a.attnum = k.attnum "
+            "WHERE c.conrelid = $1::regclass AND c.contype = 'p'",
+            table,
+        )
+    )
+
+
+async def _storage(conn: asyncpg.Connection, relation: str) -> int:
+    """The relation's file: it changes whenever the relation is rewritten."""
+    return int(await conn.fetchval("SELECT pg_relation_filenode($1::regclass)", relation))
+
+
+async def _fill_at_0006(conn: asyncpg.Connection) -> dict[str, Any]:
+    """A little of everything 0007 changes, written as the code before it did."""
+    owner, other, admin = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    actor = await conn.fetchval(
+        "INSERT INTO actors (owner_id, canonical_name, actor_type) "
+        "VALUES ($1, 'Ada', 'PERSON') RETURNING id",
+        owner,
+    )
+    await conn.execute(
+        "INSERT INTO actor_aliases (actor_id, owner_id, alias) VALUES ($1, $2, 'A. L.')",
+        actor,
+        owner,
+    )
+    await conn.execute(
+        "INSERT INTO actor_presences (actor_id, owner_id, platform, platform_user_id) "
+        "VALUES ($1, $2, 'twitter', 'ada')",
+        actor,
+        owner,
+    )
+    await conn.execute(
+        "INSERT INTO content (owner_id, platform, platform_id, title, author_id, published_at) "
+        "VALUES ($1, 'twitter', 't1', 'hello', $2, now())",
+        owner,
+        actor,
+    )
+    collections = {}
+    for who, name in ((owner, "full"), (other, "empty")):
+        collection = await conn.fetchval(
+            "INSERT INTO vector_collections (owner_id, name, dimension, metric, precision, "
+            "hnsw_m, hnsw_ef_construction) VALUES ($1, $2, 2, 'cosine', 'float32', 16, 64) "
+            "RETURNING id",
+            who,
+            name,
+        )
+        partition = f"vector_items_{collection.hex}"
+        await conn.execute(
+            f"CREATE TABLE \"{partition}\" PARTITION OF vector_items FOR VALUES IN ('{collection}')"
+        )
+        await conn.execute(
+            f'CREATE INDEX "{partition}_hnsw" ON "{partition}" USING hnsw '
+            "((embedding::vector(2)) vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
+        )
+        collections[name] = (collection, who, partition)
+    full, _, _ = collections["full"]
+    for i in range(3):
+        await conn.execute(
+            "INSERT INTO vector_items (collection_id, id, embedding, text, metadata) "
+            "VALUES ($1, $2, $3::vector, $4, '{\"n\": 1}')",
+            full,
+            f"item-{i}",
+            f"[{i + 1},1]",
+            f"text {i}",
+        )
+    await conn.fetchrow(
+        "SELECT * FROM credit_grant($1, NULL, NULL, NULL, $2, 100, 'welcome', now(), NULL)",
+        admin,
+        owner,
+    )
+    settled = await conn.fetchval(
+        "SELECT id FROM credit_reserve($1, $2, $3, NULL, $1, 30, 'run-1', '1 hour')",
+        owner,
+        uuid.uuid4(),
+        b"digest",
+    )
+    await conn.fetchrow(
+        "SELECT * FROM credit_resolve($1, NULL, NULL, NULL, $1, $2, 10)", owner, settled
+    )
+    await conn.fetchrow(
+        "SELECT * FROM credit_reserve($1, NULL, NULL, NULL, $1, 5, 'run-2', '1 hour')", owner
+    )
+    return {"owner": owner, "actor": actor, "collections": collections}
+
+
+async def test_shard_ready_keys_keep_the_data_up_down_and_up_again(scratch_url):
+    script = ScriptDirectory.from_config(migrate.alembic_config(scratch_url))
+    before = script.get_revision(SHARD_READY).down_revision
+    assert isinstance(before, str)
+    await asyncio.to_thread(migrate.upgrade, scratch_url, before)
+    conn = await asyncpg.connect(scratch_url)
+    try:
+        made = await _fill_at_0006(conn)
+        columns = await _columns(conn)
+        rows = await _rows(conn, columns)
+        assert all(rows.values())
+        _, owner, partition = made["collections"]["full"]
+        files = {name: await _storage(conn, name) for name in (partition, f"{partition}_hnsw")}
+
+        await asyncio.to_thread(migrate.upgrade, scratch_url)
+        assert await _rows(conn, columns) == rows
+        assert await _primary_key(conn, "actors") == ["id", "owner_id"]
+        assert await _primary_key(conn, "content") == ["id", "published_at", "owner_id"]
+        assert await _primary_key(conn, "credit_entries") == ["id", "user_id"]
+        assert await _primary_key(conn, "vector_items") == ["collection_id", "id", "owner_id"]
+        assert await _primary_key(conn, partition) == ["collection_id", "id", "owner_id"]
+        # Each item took its collection's owner, without its table or its HNSW
+        # index being rewritten, and the partition is one again.
+        owners = await conn.fetch(
+            "SELECT DISTINCT i.owner_id = c.owner_id AS same FROM vector_items i "
+            "JOIN vector_collections c ON c.id = i.collection_id"
+        )
+        assert [row["same"] for row in owners] == [True]
+        assert (
+            await conn.fetchval(f'SELECT count(*) FROM "{partition}" WHERE owner_id = $1', owner)
+            == 3
+        )
+        assert {name: await _storage(conn, name) for name in files} == files
+        assert await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'vector_items'::regclass"
+        ) == len(made["collections"])
+        assert await conn.fetchval(
+            "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = $1::regclass",
+            f"{partition}_hnsw",
+        )
+        # The credit functions of 0006 still post through the new references.
+        await conn.fetchrow(
+            "SELECT * FROM credit_reserve($1, NULL, NULL, NULL, $1, 5, 'run-3', '1 hour')",
+            made["owner"],
+        )
+        with pytest.raises(asyncpg.ForeignKeyViolationError):
+            await conn.execute(
+                "INSERT INTO actor_aliases (actor_id, owner_id, alias) VALUES ($1, $2, 'x')",
+                made["actor"],
+                uuid.uuid4(),
+            )
+        rows = await _rows(conn, columns)
+
+        await asyncio.to_thread(migrate.downgrade, scratch_url, before)
+        assert await _rows(conn, columns) == rows
+        assert await _primary_key(conn, "actors") == ["id"]
+        assert await _primary_key(conn, "content") == ["id", "published_at"]
+        assert await _primary_key(conn, "vector_items") == ["collection_id", "id"]
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns "
+            "WHERE table_name LIKE 'vector_items%' AND column_name = 'owner_id'"
+        )
+
+        await asyncio.to_thread(migrate.upgrade, scratch_url)
+        assert await _rows(conn, columns) == rows
+        assert await _primary_key(conn, "vector_items") == ["collection_id", "id", "owner_id"]
+        assert (
+            await conn.fetchval(f'SELECT count(*) FROM "{partition}" WHERE owner_id = $1', owner)
+            == 3
         )
     finally:
         await conn.close()

@@ -41,7 +41,13 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, aggregate_order_b
 from sqlalchemy.engine import RowMapping
 
 from server import audit, idempotency
-from server.actors.tables import PRESENCE_ACCOUNT_KEY, actor_aliases, actor_presences, actors
+from server.actors.tables import (
+    ALIAS_KEY,
+    PRESENCE_ACCOUNT_KEY,
+    actor_aliases,
+    actor_presences,
+    actors,
+)
 from server.db import PreparedStatement
 from server.uow import UnitOfWork
 
@@ -572,9 +578,7 @@ class ActorRepository:
         statement = (
             insert(actor_aliases)
             .values(actor_id=actor_id, owner_id=owner_id, alias=alias)
-            .on_conflict_do_nothing(
-                index_elements=[actor_aliases.c.actor_id, func.lower(actor_aliases.c.alias)]
-            )
+            .on_conflict_do_nothing(index_elements=ALIAS_KEY)
             .returning(actor_aliases.c.actor_id)
         )
         return (await self._conn.execute(statement)).first() is not None
@@ -646,9 +650,7 @@ class ActorRepository:
                     func.lower(names.c.name) != own_name
                 ),
             )
-            .on_conflict_do_nothing(
-                index_elements=[actor_aliases.c.actor_id, func.lower(actor_aliases.c.alias)]
-            )
+            .on_conflict_do_nothing(index_elements=ALIAS_KEY)
         )
         await self._conn.execute(statement)
 

@@ -14,8 +14,9 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
-    ForeignKey,
+    ForeignKeyConstraint,
     Index,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -36,7 +37,7 @@ ACTOR_TYPES = ("PERSON", "ORGANIZATION", "MEDIA", "UNKNOWN")
 actors = Table(
     "actors",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True, server_default=text("uuidv7()")),
+    Column("id", UUID(as_uuid=True), nullable=False, server_default=text("uuidv7()")),
     Column("owner_id", UUID(as_uuid=True), nullable=False),
     Column("canonical_name", Text(collation=NAME_COLLATION), nullable=False),
     Column("actor_type", Text, nullable=False),
@@ -45,6 +46,8 @@ actors = Table(
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("delete_time", DateTime(timezone=True)),
+    # Every key carries the tenant (owner_id), last: see docs/scaling.md.
+    PrimaryKeyConstraint("id", "owner_id"),
     CheckConstraint(
         "actor_type IN ('PERSON', 'ORGANIZATION', 'MEDIA', 'UNKNOWN')", name="actor_type"
     ),
@@ -61,23 +64,24 @@ Index(
 actor_aliases = Table(
     "actor_aliases",
     metadata,
-    Column(
-        "actor_id",
-        UUID(as_uuid=True),
-        ForeignKey("actors.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    Column("actor_id", UUID(as_uuid=True), nullable=False),
     # The actor's owner, copied so that name searches stay within one tenant.
     Column("owner_id", UUID(as_uuid=True), nullable=False),
     Column("alias", Text(collation=NAME_COLLATION), nullable=False),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    ForeignKeyConstraint(
+        ["actor_id", "owner_id"], ["actors.id", "actors.owner_id"], ondelete="CASCADE"
+    ),
 )
+# What an alias's ON CONFLICT names (ALIAS_KEY): one alias per actor, in any case.
 Index(
     "uq_actor_aliases_actor_lower_alias",
     actor_aliases.c.actor_id,
     func.lower(actor_aliases.c.alias),
+    actor_aliases.c.owner_id,
     unique=True,
 )
+ALIAS_KEY = (actor_aliases.c.actor_id, func.lower(actor_aliases.c.alias), actor_aliases.c.owner_id)
 Index(
     "ix_actor_aliases_owner_lower_alias",
     actor_aliases.c.owner_id,
@@ -93,13 +97,8 @@ Index(
 actor_presences = Table(
     "actor_presences",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True, server_default=text("uuidv7()")),
-    Column(
-        "actor_id",
-        UUID(as_uuid=True),
-        ForeignKey("actors.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
+    Column("id", UUID(as_uuid=True), nullable=False, server_default=text("uuidv7()")),
+    Column("actor_id", UUID(as_uuid=True), nullable=False),
     Column("owner_id", UUID(as_uuid=True), nullable=False),
     Column("platform", Text, nullable=False),
     Column("platform_user_id", Text, nullable=False),
@@ -109,6 +108,10 @@ actor_presences = Table(
     Column("follower_count", BigInteger),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("id", "owner_id"),
+    ForeignKeyConstraint(
+        ["actor_id", "owner_id"], ["actors.id", "actors.owner_id"], ondelete="CASCADE"
+    ),
     # One account belongs to one actor per owner; also what ingest joins on.
     UniqueConstraint("owner_id", "platform", "platform_user_id", name="uq_actor_presences_account"),
 )

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Column,
+    ColumnElement,
     Computed,
     DateTime,
     Index,
@@ -14,8 +17,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     func,
+    literal_column,
     text,
+    type_coerce,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, TSVECTOR, UUID
 
@@ -31,6 +37,33 @@ CONTENT_SEARCH_VECTOR = (
     "setweight(to_tsvector('simple'::regconfig, left(coalesce(title, ''), 10000)), 'A') || "
     "setweight(to_tsvector('simple'::regconfig, left(coalesce(text_content, ''), 100000)), 'B')"
 )
+
+# asyncpg writes the two ends of the Timestamp range, 0001-01-01T00:00:00Z and
+# 9999-12-31T23:59:59.999999Z, as PostgreSQL's -infinity and infinity (and
+# reads those back as them). They sort and compare as those instants do; SQL
+# that prints or truncates a client's timestamp goes through `finite_time`.
+FIRST_INSTANT = "0001-01-01 00:00:00+00"
+LAST_INSTANT = "9999-12-31 23:59:59.999999+00"
+
+
+def finite_time(column: ColumnElement[Any]) -> ColumnElement[Any]:
+    """`column` with ±infinity read as the first and last instants of the range."""
+    timestamptz = DateTime(timezone=True)
+    return type_coerce(
+        case(
+            (
+                column == literal_column("'infinity'::timestamptz"),
+                literal_column(f"'{LAST_INSTANT}'::timestamptz"),
+            ),
+            (
+                column == literal_column("'-infinity'::timestamptz"),
+                literal_column(f"'{FIRST_INSTANT}'::timestamptz"),
+            ),
+            else_=column,
+        ),
+        timestamptz,
+    )
+
 
 # An item's identity per owner: ingest and create skip or refuse a second one.
 CONTENT_NATURAL_KEY = ("owner_id", "platform", "platform_id", "published_at")
@@ -69,7 +102,9 @@ content = Table(
     Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("delete_time", DateTime(timezone=True)),
     Column("search_vector", TSVECTOR, Computed(CONTENT_SEARCH_VECTOR, persisted=True)),
-    PrimaryKeyConstraint("id", "published_at"),
+    # The partition key (published_at) and the tenant (owner_id) are in every
+    # key: PostgreSQL asks for the one, Citus for the other (docs/scaling.md).
+    PrimaryKeyConstraint("id", "published_at", "owner_id"),
     UniqueConstraint(*CONTENT_NATURAL_KEY, name="uq_content_natural_key"),
     postgresql_partition_by="RANGE (published_at)",
 )

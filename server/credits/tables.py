@@ -6,6 +6,9 @@ row kept in step with it in the same transaction, and the lock that
 serialises an account's mutations. `credit_reservations` holds each hold's
 status, which leaves PENDING exactly once; `credit_allocations` the grants
 with their validity windows.
+
+The tenant of every credit table is the account's `user_id`: it is in every
+key and every reference between them (docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from sqlalchemy import (
     Column,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
+    PrimaryKeyConstraint,
     Table,
     Text,
     UniqueConstraint,
@@ -36,7 +41,16 @@ DEFAULT_ARENA = "*"
 
 
 def _id() -> Column[Any]:
-    return Column("id", UUID(as_uuid=True), primary_key=True, server_default=text("uuidv7()"))
+    return Column("id", UUID(as_uuid=True), nullable=False, server_default=text("uuidv7()"))
+
+
+def _key() -> PrimaryKeyConstraint:
+    return PrimaryKeyConstraint("id", "user_id")
+
+
+def _of_account(column: str, table: str) -> ForeignKeyConstraint:
+    """`column` names a row of `table` of the same account."""
+    return ForeignKeyConstraint([column, "user_id"], [f"{table}.id", f"{table}.user_id"])
 
 
 def _account() -> Column[Any]:
@@ -73,6 +87,7 @@ credit_allocations = Table(
     Column("valid_until", DateTime(timezone=True)),
     Column("memo", Text, nullable=False, server_default=text("''")),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    _key(),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("valid_until IS NULL OR valid_until > valid_from", name="window"),
 )
@@ -90,6 +105,7 @@ credit_reservations = Table(
     Column("expire_time", DateTime(timezone=True), nullable=False),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
     Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    _key(),
     CheckConstraint("amount > 0", name="amount_positive"),
     CheckConstraint("settled_amount >= 0 AND settled_amount <= amount", name="settled_range"),
     CheckConstraint(_in("status", RESERVATION_STATUSES), name="status"),
@@ -116,10 +132,13 @@ credit_entries = Table(
     Column("seq", BigInteger, nullable=False),
     Column("kind", Text, nullable=False),
     Column("amount", BigInteger, nullable=False),
-    Column("reservation_id", UUID(as_uuid=True), ForeignKey("credit_reservations.id")),
-    Column("allocation_id", UUID(as_uuid=True), ForeignKey("credit_allocations.id")),
+    Column("reservation_id", UUID(as_uuid=True)),
+    Column("allocation_id", UUID(as_uuid=True)),
     Column("reference", Text, nullable=False, server_default=text("''")),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    _key(),
+    _of_account("reservation_id", "credit_reservations"),
+    _of_account("allocation_id", "credit_allocations"),
     UniqueConstraint("user_id", "seq", name="uq_credit_entries_user_seq"),
     CheckConstraint("amount >= 0", name="amount_not_negative"),
     CheckConstraint(_in("kind", ENTRY_KINDS), name="kind"),

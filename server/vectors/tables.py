@@ -31,7 +31,7 @@ ITEM_SEARCH_VECTOR = "to_tsvector('simple'::regconfig, left(coalesce(text, ''), 
 vector_collections = Table(
     "vector_collections",
     metadata,
-    Column("id", UUID(as_uuid=True), primary_key=True, server_default=text("uuidv7()")),
+    Column("id", UUID(as_uuid=True), nullable=False, server_default=text("uuidv7()")),
     Column("owner_id", UUID(as_uuid=True), nullable=False),
     Column("name", Text, nullable=False),
     Column("dimension", Integer, nullable=False),
@@ -40,9 +40,16 @@ vector_collections = Table(
     Column("hnsw_m", Integer, nullable=False),
     Column("hnsw_ef_construction", Integer, nullable=False),
     Column("create_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # 'none' or 'binary' (the HNSW index over binary_quantize(vector)).
+    Column("quantization", Text, nullable=False, server_default=text("'none'")),
+    # The keys CreateMetadataIndex indexed: [{"key": ..., "type": ...}, ...].
+    Column("metadata_indexes", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    # Every key carries the tenant (owner_id): see docs/scaling.md.
+    PrimaryKeyConstraint("id", "owner_id"),
     UniqueConstraint("owner_id", "name"),
     CheckConstraint("metric IN ('cosine', 'l2', 'inner_product')", name="metric"),
     CheckConstraint("precision IN ('float32', 'float16')", name="precision"),
+    CheckConstraint("quantization IN ('none', 'binary')", name="quantization"),
 )
 
 vector_items = Table(
@@ -61,7 +68,10 @@ vector_items = Table(
     Column("url_normalized", Text),
     Column("text_search", TSVECTOR, Computed(ITEM_SEARCH_VECTOR, persisted=True)),
     Column("update_time", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    PrimaryKeyConstraint("collection_id", "id"),
+    # The collection's owner, written with every item: the tenant, in the key
+    # beside the partition key.
+    Column("owner_id", UUID(as_uuid=True), nullable=False),
+    PrimaryKeyConstraint("collection_id", "id", "owner_id"),
     postgresql_partition_by="LIST (collection_id)",
 )
 

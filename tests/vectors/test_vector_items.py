@@ -6,11 +6,11 @@ import math
 
 import grpc
 import pytest
-from observatory.v1 import vector_pb2
+from observatory.v1 import content_pb2, vector_pb2
 
 from server.vectors import repository
 from server.vectors.repository import CollectionRepository
-from tests.helpers import expect_rpc_error, new_caller
+from tests.helpers import expect_rpc_error, make_content, new_caller
 from tests.vectors.helpers import clustered, collection_name, create_collection, items, upsert
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("drop_vector_collections")]
@@ -30,7 +30,10 @@ async def _count(stub, caller, name) -> int:
     return got.item_count
 
 
-async def test_upsert_inserts_then_replaces_by_id(vector_stub, alice):
+async def test_upsert_inserts_then_replaces_by_id(vector_stub, content_stub, alice):
+    content = await content_stub.CreateContent(
+        content_pb2.CreateContentRequest(content=make_content()), metadata=alice.metadata
+    )
     name = await create_collection(vector_stub, alice, 4)
     first = items(clustered(20, 4), text="before", url="https://a.org/x")
     response = await upsert(vector_stub, alice, name, first, per_message=7)
@@ -40,7 +43,7 @@ async def test_upsert_inserts_then_replaces_by_id(vector_stub, alice):
         id="item-3",
         vector=[1, 2, 3, 4],
         text="after",
-        content_id="0191e8a2-0000-7000-8000-000000000000",
+        content_id=content.id,
     )
     replacement.metadata.update({"k": "v"})
     response = await upsert(vector_stub, alice, name, [replacement])
@@ -49,7 +52,7 @@ async def test_upsert_inserts_then_replaces_by_id(vector_stub, alice):
     got = await _get(vector_stub, alice, name, "item-3")
     assert list(got.vector) == [1, 2, 3, 4]
     assert got.text == "after" and got.url == "" and dict(got.metadata) == {"k": "v"}
-    assert got.content_id == "0191e8a2-0000-7000-8000-000000000000"
+    assert got.content_id == content.id
     without = await _get(vector_stub, alice, name, "item-3", with_vector=False)
     assert not without.vector and without.text == "after"
 
@@ -198,16 +201,6 @@ async def test_get_after_another_process_re_created_the_collection(vector_stub, 
     details = await expect_rpc_error(_get(vector_stub, alice, name, "a"))
     assert details.code == grpc.StatusCode.NOT_FOUND
     assert "collection" in details.message
-
-
-async def test_rpcs_not_served_yet_say_so(vector_stub, alice):
-    details = await expect_rpc_error(
-        vector_stub.CountItems(
-            vector_pb2.CountItemsRequest(collection="c"), metadata=alice.metadata
-        )
-    )
-    assert details.code == grpc.StatusCode.UNIMPLEMENTED
-    assert details.reason == "NOT_IMPLEMENTED"
 
 
 async def test_reads_by_collection_touch_only_that_collections_partition(app, vector_stub, alice):
