@@ -24,19 +24,21 @@ from observatory.v1 import (
     vector_pb2_grpc,
 )
 
-from server import idempotency, replicas, tls, uow
+from server import idempotency, pagination, replicas, tls, uow
 from server.actors.service import ActorService
 from server.actors.servicer import ActorServicer
 from server.admin.service import AdminService
 from server.admin.servicer import AdminServicer
 from server.auth import Authenticator
+from server.content.partitions import keep_partitions_ready
 from server.content.service import ContentService
 from server.content.servicer import ContentServicer
 from server.credits.service import EXPIRY_BATCH, CreditService
 from server.credits.servicer import CreditServicer
-from server.db import Database, connect_directly, create_engine
+from server.db import connect_directly, create_engine
 from server.health import HealthMonitor
 from server.interceptor import ObservatoryInterceptor
+from server.limits import Limits
 from server.networks.servicer import NetworkServicer
 from server.ops import metrics, tracing
 from server.ops.http import SidePort
@@ -79,7 +81,6 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 class App:
     server: grpc.aio.Server
     port: int
-    db: Database
     units: uow.Database
     monitor: HealthMonitor
     content: ContentService
@@ -88,6 +89,8 @@ class App:
     side_port: SidePort | None = None
     # The read replica (DATABASE_READ_URL), if any; units.dispose() closes it.
     replica: replicas.Replica | None = None
+    # The worker's limits and their counts (server.limits).
+    limits: Limits | None = None
 
     async def stop(self, grace: float | None) -> None:
         """Health goes NOT_SERVING, in-flight RPCs get `grace` seconds, then
@@ -105,29 +108,39 @@ class App:
 
 
 async def create_server(settings: Settings, database_url: str) -> App:
-    db = Database(create_engine(settings, database_url))
+    engine = create_engine(settings, database_url)
     side_port = None
     if settings.http_listen:
         # Bound first: a busy port stops start-up before anything else runs.
-        metrics.instrument_engine(db.engine)
+        metrics.instrument_engine(engine)
         side_port = SidePort(
             settings.http_listen,
-            lambda: db.engine.pool,
+            lambda: engine.pool,
             lambda: connect_directly(database_url),
             reuse_port=settings.workers > 1,
         )
         await side_port.start()
-    # TRANSITIONAL: domains move from `db` to units of work one by one.
     replica = replicas.from_settings(settings)
-    units = uow.Database(db.engine, lambda: connect_directly(database_url), replica)
+    units = uow.Database(engine, lambda: connect_directly(database_url), replica)
     if side_port is not None:
         side_port.replica_state = lambda: replicas.replica_state(replica)
+    # Page tokens are signed with a key of the deployment's (its token secret's).
+    pagination.use_key(pagination.derive_key(settings.jwt_secret or settings.jwt_public_key or ""))
     content = ContentService(units)
+    limits = Limits(settings)
     server = grpc.aio.server(
-        interceptors=[ObservatoryInterceptor(Authenticator(settings), tracing.configure())],
+        # The limits' interceptor first: it counts every call from its arrival.
+        interceptors=[
+            limits.interceptor(),
+            ObservatoryInterceptor(
+                Authenticator(settings), tracing.configure(), admission=limits.admit
+            ),
+        ],
         options=server_options(settings),
     )
-    content_pb2_grpc.add_ContentServiceServicer_to_server(ContentServicer(content, units), server)
+    content_pb2_grpc.add_ContentServiceServicer_to_server(
+        ContentServicer(content, units, limits), server
+    )
     credits = CreditService(units)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
         AdminServicer(AdminService(credits), units), server
@@ -172,7 +185,6 @@ async def create_server(settings: Settings, database_url: str) -> App:
     return App(
         server=server,
         port=port,
-        db=db,
         units=units,
         monitor=monitor,
         content=content,
@@ -180,6 +192,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
         credit_expiry=credit_expiry,
         side_port=side_port,
         replica=replica,
+        limits=limits,
     )
 
 
@@ -187,17 +200,10 @@ async def _maintain(units: uow.Database, content: ContentService, settings: Sett
     """Run at start-up and every few hours: keeps content partitions ready a
     year ahead and forgets request IDs past their retention."""
     try:
-        async with units.write() as unit:
-            made = await content.prepare_partitions(unit, settings.partitions_ahead)
+        made = await keep_partitions_ready(units, settings.partitions_ahead)
         if made:
             log.info("created content partitions", extra={"count": made})
-        forgotten = 0
-        async with units.write() as unit:
-            # One server of a fleet at a time; the others skip their turn.
-            if await unit.try_advisory_lock("observatory.request_id_cleanup"):
-                forgotten = await idempotency.IdempotencyRepository(unit.conn).forget_older_than(
-                    settings.request_id_days
-                )
+        forgotten = await idempotency.forget_old_request_ids(units, settings.request_id_days)
         if forgotten:
             log.info("forgot expired request IDs", extra={"count": forgotten})
     except Exception as exc:  # the database may be down; the next round retries

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import ssl as ssl_module
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
 import sqlalchemy.exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ClauseElement
-from sqlalchemy.util import greenlet_spawn
 
 from server import errors
 from server.settings import Settings
@@ -76,15 +73,29 @@ def wants_pgbouncer(raw: str) -> bool:
 
 def create_engine(settings: Settings, database_url: str) -> AsyncEngine:
     url, connect_args = normalize_database_url(database_url)
-    connect_args.setdefault("server_settings", {}).setdefault("application_name", "observatory")
+    server_settings = connect_args.setdefault("server_settings", {})
+    server_settings.setdefault("application_name", "observatory")
     if settings.pgbouncer or wants_pgbouncer(database_url):
         # Transaction-mode poolers hand each transaction a different backend:
         # no statement caches, and unique names for the unnamed statements.
+        # (They refuse other start-up parameters: set the timeouts below on
+        # the database role instead.)
         connect_args["statement_cache_size"] = 0
         connect_args["prepared_statement_cache_size"] = 0
         connect_args["prepared_statement_name_func"] = lambda: f"__asyncpg_{uuid.uuid4()}__"
+    else:
+        # Every session starts with the longest a statement may run (a unit of
+        # work lowers it to a nearer client deadline, see server.deadlines),
+        # and is ended by the server should it sit idle in a transaction that
+        # long, so no session ever holds its locks and snapshot indefinitely.
+        limit = f"{max(1, int(settings.statement_timeout_s * 1000))}ms"
+        server_settings.setdefault("statement_timeout", limit)
+        server_settings.setdefault("idle_in_transaction_session_timeout", limit)
     return create_async_engine(
         url,
+        # Units of work (server.uow) own every transaction: SQLAlchemy never
+        # opens one of its own.
+        isolation_level="AUTOCOMMIT",
         # QueuePool closes an overflow connection as soon as it is returned, so
         # steady concurrency above pool_size would open and close connections
         # all the time. Instead the pool opens connections as they are needed,
@@ -96,75 +107,6 @@ def create_engine(settings: Settings, database_url: str) -> AsyncEngine:
         pool_recycle=settings.pool_recycle,
         connect_args=connect_args,
     )
-
-
-class Database:
-    """Hands out the connection for one unit of work, from one pool.
-
-    `write()` is a transaction that commits when its block succeeds and rolls
-    back on any error; nothing else in the code base commits. `read()` and
-    `lookup()` run each statement on its own, for reads of one statement.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
-
-    @asynccontextmanager
-    async def write(self) -> AsyncIterator[AsyncConnection]:
-        async with self.engine.begin() as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A connection for reads that need one statement each: every statement
-        is its own consistent read, with no BEGIN/COMMIT round trips."""
-        async with self.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            yield conn
-
-    @asynccontextmanager
-    async def lookup(self) -> AsyncIterator[asyncpg.Connection]:
-        """A bare driver connection from the same pool, outside any transaction,
-        for hot single-statement reads (see PreparedStatement): it skips
-        SQLAlchemy's per-connection work. A connection that fails or is
-        cancelled mid-statement is discarded, not reused."""
-        raw = await self.engine.raw_connection()
-        try:
-            driver = raw.driver_connection
-            assert isinstance(driver, asyncpg.Connection)
-            yield driver
-        except errors.ObservatoryError:
-            raise
-        except BaseException as exc:
-            raw.invalidate()
-            if isinstance(classify_database_error(exc), errors.Unavailable):
-                # As SQLAlchemy does on a disconnect: the other pooled
-                # connections date from before it, so none is reused.
-                await self.engine.dispose(close=False)
-            raise
-        finally:
-            await greenlet_spawn(raw.close)
-
-    async def ping(self) -> None:
-        async with self.engine.connect() as conn:
-            await conn.exec_driver_sql("SELECT 1")
-
-    async def dispose(self) -> None:
-        await self.engine.dispose()
-
-
-async def driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
-    """The raw asyncpg connection under `conn`, for COPY, cursors and prepared
-    statements, inside `conn`'s transaction."""
-    raw = await conn.get_raw_connection()
-    driver = raw.driver_connection
-    assert isinstance(driver, asyncpg.Connection)
-    # SQLAlchemy opens its transaction lazily, at its first statement; a driver
-    # statement must not run ahead of it, outside the unit of work.
-    assert not conn.in_transaction() or driver.is_in_transaction(), (
-        "run a statement through the connection before using its driver"
-    )
-    return driver
 
 
 def rows_affected(status: str) -> int:
@@ -194,6 +136,11 @@ class PreparedStatement:
 
 # SQLSTATE classes and codes that mean "the database is not there right now".
 _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400"}
+# Classes of errors that a statement's values cause: data exceptions (22: out of
+# range, malformed, NUL in text, ...) and program limits (54: an index row, a
+# tsquery, a jsonb value or an array too large; a statement too complex).
+# Validation at the edge should refuse such input first; these are the net.
+_BAD_INPUT_CLASSES = ("22", "54")
 
 
 def sqlstate(exc: BaseException) -> str | None:
@@ -203,6 +150,24 @@ def sqlstate(exc: BaseException) -> str | None:
         if isinstance(code, str):
             return code
     return None
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The innermost driver exception under SQLAlchemy's wrappers."""
+    cause: BaseException | None = exc
+    seen: BaseException = exc
+    while cause is not None:
+        seen = cause
+        cause = getattr(cause, "orig", None) or cause.__cause__
+    return seen
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """An asyncpg InterfaceError that says the connection is gone (as opposed
+    to one about how it was used, such as too many query arguments)."""
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return True
+    return "connection is closed" in str(exc) or "connection was closed" in str(exc)
 
 
 def classify_database_error(exc: BaseException) -> errors.ObservatoryError | None:
@@ -220,13 +185,18 @@ def classify_database_error(exc: BaseException) -> errors.ObservatoryError | Non
             return errors.Aborted("the transaction conflicted with another one; retry it")
         if code == "57014":
             return errors.DeadlineExceeded("the statement was cancelled")
+        if code == "25P03":
+            return errors.Aborted("the transaction stayed idle too long and was ended; retry it")
         if code == "23505":
             return errors.AlreadyExists("a row with the same unique key already exists")
-        if code.startswith("22"):
-            return errors.InvalidArgument(
-                "", "a value is out of range or malformed for the database"
-            )
+        if code.startswith(_BAD_INPUT_CLASSES):
+            return _bad_input(code, exc)
         return None
+    driver = _driver_error(exc)
+    if isinstance(driver, asyncpg.exceptions.InterfaceError) and not _lost_connection(driver):
+        if "number of query arguments" in str(driver):
+            return errors.InvalidArgument("", "the request holds too many values for one query")
+        return None  # a misuse of the driver: a bug
     interface_errors: tuple[type[BaseException], ...] = (
         OSError,
         ConnectionError,
@@ -243,3 +213,13 @@ def classify_database_error(exc: BaseException) -> errors.ObservatoryError | Non
             return errors.Unavailable("the database is unavailable")
         cause = getattr(cause, "orig", None) or cause.__cause__
     return None
+
+
+def _bad_input(code: str, exc: BaseException) -> errors.InvalidArgument:
+    """INVALID_ARGUMENT for a value the database refused, naming the column when
+    the database does (the server's own text is not echoed: it may quote the
+    value)."""
+    column = getattr(_driver_error(exc), "column_name", None) or ""
+    if code.startswith("54"):
+        return errors.InvalidArgument(column, "a value is too large for the database to store")
+    return errors.InvalidArgument(column, "a value is out of range or malformed for the database")

@@ -16,9 +16,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.expression import ColumnElement, FromClause
 
-from server import errors
+from server import errors, uow
 from server.auth import Principal
-from server.db import Database, PreparedStatement
+from server.db import PreparedStatement
 from server.protoconv import parse_uuid
 from server.tables import idempotency_keys
 
@@ -93,10 +93,13 @@ class IdempotencyRepository:
         )
 
 
-async def forget_old_request_ids(db: Database, days: int) -> int:
-    """Retention for request IDs: a retry later than `days` runs anew."""
-    async with db.write() as conn:
-        return await IdempotencyRepository(conn).forget_older_than(days)
+async def forget_old_request_ids(units: uow.Database, days: int) -> int:
+    """Retention for request IDs: a retry later than `days` runs anew. One
+    server of a fleet at a time; the others skip their turn (and return 0)."""
+    async with units.write() as unit:
+        if not await unit.try_advisory_lock("observatory.request_id_cleanup"):
+            return 0
+        return await IdempotencyRepository(unit.conn).forget_older_than(days)
 
 
 async def once(

@@ -275,9 +275,6 @@ async def _checkout(engine: AsyncEngine) -> tuple[AsyncConnection, asyncpg.Conne
     for _ in range(_MAX_CLOSED_SKIPPED):
         conn = await engine.connect()
         try:
-            # TRANSITIONAL: until every domain uses units, the engine is not
-            # autocommit; SQLAlchemy must never open a transaction of its own.
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
             assert isinstance(driver, asyncpg.Connection)

@@ -8,6 +8,7 @@ from sqlalchemy import text
 
 from server import errors
 from server.db import classify_database_error, create_engine
+from server.uow import Database
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.asyncio
@@ -22,9 +23,9 @@ async def engine(database_url):
 
 async def _error_of(engine, *statements: str) -> BaseException:
     with pytest.raises(sqlalchemy.exc.DBAPIError) as caught:
-        async with engine.begin() as conn:
+        async with Database(engine).write() as uow:
             for statement in statements:
-                await conn.execute(text(statement))
+                await uow.conn.execute(text(statement))
     return caught.value
 
 

@@ -58,7 +58,7 @@ async def test_deadline_cancels_the_running_statement(
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     async def released() -> bool:
-        return await _blocked_update_statements(db) == 0 and app.db.engine.pool.checkedout() == 0
+        return await _blocked_update_statements(db) == 0 and app.units.pool.checkedout() == 0
 
     assert await wait_until(released), (
         "the blocked statement kept running or its connection stayed checked out"
@@ -84,7 +84,7 @@ async def test_client_cancellation_cancels_the_running_statement(
         await call
 
     async def released() -> bool:
-        return await _blocked_update_statements(db) == 0 and app.db.engine.pool.checkedout() == 0
+        return await _blocked_update_statements(db) == 0 and app.units.pool.checkedout() == 0
 
     assert await wait_until(released), (
         "the cancelled statement kept running or its connection stayed checked out"
@@ -109,7 +109,7 @@ async def test_cancelled_ingest_stream_stores_nothing_and_frees_its_connection(
         await call
 
     async def released() -> bool:
-        return app.db.engine.pool.checkedout() == 0
+        return app.units.pool.checkedout() == 0
 
     assert await wait_until(released)
     assert await db.fetchval("SELECT count(*) FROM content WHERE owner_id = $1", alice.user_id) == 0

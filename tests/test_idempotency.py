@@ -330,7 +330,7 @@ class TestRetention:
             uuid.UUID(old_id),
         )
 
-        assert await forget_old_request_ids(app.db, days=7) >= 1
+        assert await forget_old_request_ids(app.units, days=7) >= 1
 
         kept = await db.fetch(
             "SELECT request_id::text AS id FROM idempotency_keys WHERE owner_id = $1",

@@ -13,7 +13,7 @@ import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 import pytest_asyncio
-from observatory.v1 import content_pb2
+from observatory.v1 import actor_pb2, content_pb2
 
 from server.app import App
 from tests.helpers import (
@@ -133,9 +133,15 @@ async def test_each_format_holds_exactly_the_filtered_rows(content_stub, alice, 
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet"])
-async def test_every_filter_field_narrows_the_export(content_stub, alice, kind):
+async def test_every_filter_field_narrows_the_export(content_stub, actor_stub, alice, kind):
     run = f"run-{uuid.uuid4().hex}"
-    author = str(uuid.uuid4())
+    # An author_id must name one of the caller's actors.
+    author = (
+        await actor_stub.CreateActor(
+            actor_pb2.CreateActorRequest(actor=actor_pb2.Actor(canonical_name="Export Author")),
+            metadata=alice.metadata,
+        )
+    ).id
     day = NOW - timedelta(days=2)
     wanted = await create(
         content_stub,
@@ -300,7 +306,7 @@ async def test_cancelled_exports_leave_the_pool_whole(
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE application_name = 'observatory' AND state <> 'idle' AND query ILIKE '%FROM content%'"
         )
-        return exporting == 0 and app.db.engine.pool.checkedout() == 0
+        return exporting == 0 and app.units.pool.checkedout() == 0
 
     assert await wait_until(released, timeout=10), (
         "a cancelled export kept its connection or its query"
