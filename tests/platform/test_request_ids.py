@@ -12,6 +12,7 @@ from tests.helpers import expect_rpc_error
 
 pytestmark = pytest.mark.asyncio
 
+
 async def _request_id_in_error(channel: grpc.aio.Channel, sent: str) -> str:
     """The request_id the server answers an unauthenticated call with."""
     stub = content_pb2_grpc.ContentServiceStub(channel)
