@@ -5,21 +5,29 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from google.protobuf import struct_pb2
 from observatory.v1 import vector_pb2
 
-from server import errors
+from server import errors, validate
 from server.protoconv import dict_to_struct, optional_uuid, set_timestamp, struct_to_dict
 from server.urls import normalize_url
-from server.vectors.repository import CollectionSpec, Hits, dump_json
+from server.vectors import filters
+from server.vectors.repository import (
+    GROUP_COLUMNS,
+    CollectionSpec,
+    Hits,
+    SimilarSearch,
+    dump_json,
+)
+
+SimilarRequest = vector_pb2.SearchSimilarRequest | vector_pb2.SimilarQuery
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}")
 MAX_DIMENSION = 16_000  # pgvector's storage limit (the contract's range)
-# HNSW indexes at most this many dimensions per precision (pgvector 0.8).
-MAX_INDEXED_DIMENSION = {"float32": 2_000, "float16": 4_000}
 FLOAT16_MAX = 65_504.0
 MAX_ITEM_ID = 256
 DEFAULT_TOP_K = 10
@@ -27,6 +35,13 @@ MAX_TOP_K = 1000
 DEFAULT_HNSW_M = 16
 DEFAULT_EF_CONSTRUCTION = 64
 MAX_EF_SEARCH = 1000
+DEFAULT_OVERSAMPLING = 4.0
+MAX_OVERSAMPLING = 100.0
+MAX_SEARCHES = 100
+MAX_GROUP_SIZE = 1000
+# Item.text: the documented limit (only its first 100,000 characters are
+# searchable, see tables.ITEM_SEARCH_VECTOR).
+MAX_ITEM_TEXT_CHARS = validate.MAX_TEXT_CHARS
 
 METRICS = {
     vector_pb2.METRIC_UNSPECIFIED: "cosine",
@@ -45,6 +60,11 @@ PRECISIONS = {
     vector_pb2.PRECISION_FLOAT16: "float16",
 }
 PRECISION_ENUMS = {"float32": vector_pb2.PRECISION_FLOAT32, "float16": vector_pb2.PRECISION_FLOAT16}
+QUANTIZATIONS = {
+    vector_pb2.QUANTIZATION_UNSPECIFIED: "none",
+    vector_pb2.QUANTIZATION_BINARY: "binary",
+}
+QUANTIZATION_ENUMS = {name: enum for enum, name in QUANTIZATIONS.items()}
 
 
 def check_name(name: str, field: str) -> str:
@@ -72,14 +92,12 @@ def collection_values(message: vector_pb2.Collection) -> dict[str, Any]:
         raise errors.InvalidArgument(
             "collection.precision", f"unknown precision {message.precision}"
         )
+    if message.quantization not in QUANTIZATIONS:
+        raise errors.InvalidArgument(
+            "collection.quantization", f"unknown quantization {message.quantization}"
+        )
     precision = PRECISIONS[message.precision]
     dimension = _in_range(message.dimension, 1, MAX_DIMENSION, "collection.dimension")
-    if dimension > MAX_INDEXED_DIMENSION[precision]:
-        raise errors.InvalidArgument(
-            "collection.dimension",
-            f"HNSW indexes {precision} vectors of at most {MAX_INDEXED_DIMENSION[precision]} "
-            "dimensions; use PRECISION_FLOAT16 for up to 4000",
-        )
     m = _in_range(message.hnsw_m or DEFAULT_HNSW_M, 2, 100, "collection.hnsw_m")
     ef_construction = _in_range(
         message.hnsw_ef_construction or DEFAULT_EF_CONSTRUCTION,
@@ -98,6 +116,7 @@ def collection_values(message: vector_pb2.Collection) -> dict[str, Any]:
         "precision": precision,
         "hnsw_m": m,
         "hnsw_ef_construction": ef_construction,
+        "quantization": QUANTIZATIONS[message.quantization],
     }
 
 
@@ -110,7 +129,10 @@ def collection_to_proto(spec: CollectionSpec, item_count: int) -> vector_pb2.Col
         hnsw_m=spec.hnsw_m,
         hnsw_ef_construction=spec.hnsw_ef_construction,
         item_count=item_count,
+        quantization=QUANTIZATION_ENUMS[spec.quantization],
     )
+    for key, kind in spec.metadata_indexes:
+        message.metadata_indexes.add(key=key, type=filters.INDEX_TYPE_ENUMS[kind])
     set_timestamp(message.create_time, spec.create_time)
     return message
 
@@ -124,17 +146,17 @@ def vector_value(values: Sequence[float], spec: CollectionSpec, field: str) -> n
     array = np.asarray(values, dtype=np.float32)
     if not np.isfinite(array).all():
         raise errors.InvalidArgument(field, "must hold finite numbers only (no NaN or infinity)")
+    with np.errstate(over="ignore"):
+        norm = np.linalg.norm(array)
+    if not np.isfinite(norm):
+        # Each value fits a float32 but their norm does not: every distance
+        # to this vector would be NaN or infinite.
+        raise errors.InvalidArgument(field, "has values so large that its norm overflows")
     if spec.precision == "float16" and np.abs(array).max() > FLOAT16_MAX:
         raise errors.InvalidArgument(
             field, f"holds a value beyond float16's range (|value| <= {FLOAT16_MAX:g})"
         )
     return array
-
-
-def _text(value: str, field: str) -> str | None:
-    if "\x00" in value:
-        raise errors.InvalidArgument(field, "must not contain NUL characters")
-    return value or None
 
 
 def check_item_id(value: str, field: str) -> str:
@@ -157,12 +179,12 @@ def metadata_json(value: struct_pb2.Struct, field: str) -> str:
 def item_record(item: vector_pb2.Item, spec: CollectionSpec) -> tuple[Any, ...]:
     """One COPY record (repository.STAGED_COLUMNS order); fields relative to the item."""
     vector = vector_value(item.vector, spec, "vector")
-    url = _text(item.url, "url")
+    url = validate.text(item.url, "url", max_bytes=validate.MAX_KEY_BYTES) or None
     return (
         check_item_id(item.id, "id"),
         vector if spec.precision == "float32" else None,
         vector if spec.precision == "float16" else None,
-        _text(item.text, "text"),
+        validate.text(item.text, "text", max_chars=MAX_ITEM_TEXT_CHARS) or None,
         metadata_json(item.metadata, "metadata"),
         optional_uuid(item.content_id, "content_id"),
         url,
@@ -179,18 +201,65 @@ def top_k(value: int, field: str = "top_k") -> int:
     return _in_range(value or DEFAULT_TOP_K, 1, MAX_TOP_K, field)
 
 
-def ef_search(request: vector_pb2.SearchSimilarRequest) -> int | None:
+def ef_search(request: SimilarRequest, prefix: str = "") -> int | None:
     if not request.HasField("ef_search"):
         return None
-    return _in_range(request.ef_search, 1, MAX_EF_SEARCH, "ef_search")
+    return _in_range(request.ef_search, 1, MAX_EF_SEARCH, f"{prefix}ef_search")
 
 
-def score_threshold(request: vector_pb2.SearchSimilarRequest) -> float | None:
+def score_threshold(request: SimilarRequest, prefix: str = "") -> float | None:
     if not request.HasField("score_threshold"):
         return None
     if not math.isfinite(request.score_threshold):
-        raise errors.InvalidArgument("score_threshold", "must be a finite number")
+        raise errors.InvalidArgument(f"{prefix}score_threshold", "must be a finite number")
     return request.score_threshold
+
+
+def oversampling(value: float, field: str) -> float:
+    if value == 0:
+        return DEFAULT_OVERSAMPLING
+    if not math.isfinite(value) or not 1.0 <= value <= MAX_OVERSAMPLING:
+        raise errors.InvalidArgument(field, f"must be between 1 and {MAX_OVERSAMPLING:g}")
+    return value
+
+
+def group_by(value: str, field: str) -> str | tuple[str, ...] | None:
+    """A group key: a column of GROUP_COLUMNS, or a metadata key's path."""
+    if not value:
+        return None
+    if value in GROUP_COLUMNS:
+        return value
+    return filters.key_path(value, field)
+
+
+@dataclass(frozen=True, slots=True)
+class Similar:
+    """A checked similarity search, before its vector is checked against the
+    collection, and the score threshold applied to its hits."""
+
+    vector: Sequence[float]
+    search: SimilarSearch
+    threshold: float | None
+
+
+def similar(request: SimilarRequest, prefix: str = "") -> Similar:
+    """SearchSimilarRequest or one SimilarQuery, checked (fields named with
+    `prefix`, e.g. "searches[3].")."""
+    group_size = request.group_size or 1
+    _in_range(group_size, 1, MAX_GROUP_SIZE, f"{prefix}group_size")
+    search = SimilarSearch(
+        vector=None,
+        top_k=top_k(request.top_k, f"{prefix}top_k"),
+        filter_json=filter_json(request.filter, f"{prefix}filter"),
+        where=filters.parse(request.where, f"{prefix}where"),
+        exact=request.exact,
+        hits=Hits(with_vector=request.with_vector, with_metadata=request.with_metadata),
+        ef_search=ef_search(request, prefix),
+        oversampling=oversampling(request.oversampling, f"{prefix}oversampling"),
+        group_by=group_by(request.group_by, f"{prefix}group_by"),
+        group_size=group_size,
+    )
+    return Similar(request.vector, search, score_threshold(request, prefix))
 
 
 def item_to_proto(row: Any, spec: CollectionSpec, hits: Hits, target: vector_pb2.Item) -> None:

@@ -14,21 +14,26 @@ the database now stands.
 
 from __future__ import annotations
 
+import asyncio
+import random
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import asyncpg
-from cachetools import LRUCache
+from cachetools import TTLCache
 from observatory.v1 import common_pb2, vector_pb2
 
-from server import bulk, errors, idempotency, pagination
+from server import bulk, deadlines, errors, idempotency, pagination, validate
 from server.audit import AuditRepository
 from server.auth import Principal
 from server.coalesce import PointReads
+from server.content.repository import ContentRepository
+from server.db import classify_database_error
 from server.uow import Database, UnitOfWork
 from server.urls import normalize_url
-from server.vectors import convert
+from server.vectors import convert, filters
 from server.vectors.repository import (
     CollectionRepository,
     CollectionSpec,
@@ -45,6 +50,17 @@ HYBRID_CANDIDATES = 100
 DEFAULT_RRF_K = 60
 DEFAULT_DUPLICATE_THRESHOLD = 0.85
 SPEC_CACHE_SIZE = 10_000
+# A collection's row changes only when CreateMetadataIndex adds an index: other
+# processes see the index this long after (searches answer the same meanwhile,
+# only without it).
+SPEC_CACHE_SECONDS = 30.0
+# Collection DDL waits at most repository.DDL_LOCK_TIMEOUT for its lock per
+# attempt, then gives way and tries again after a backoff (doubled each time).
+DDL_ATTEMPTS = 5
+DDL_FIRST_BACKOFF_S = 0.2
+# Errors a partition of a collection deleted (or an index function dropped) by
+# another process shows as.
+_VANISHED = (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError)
 _ITEM_HITS = Hits(with_vector=False, with_metadata=True)
 _ITEM_HITS_WITH_VECTOR = Hits(with_vector=True, with_metadata=True)
 
@@ -57,9 +73,34 @@ def _not_found(name: str) -> errors.NotFound:
     return errors.NotFound(f"collection {name!r} not found")
 
 
+async def retry_ddl(uow: UnitOfWork, ddl: Callable[[], Awaitable[None]]) -> None:
+    """Runs `ddl` (which takes locks on vector_items) in a savepoint, again
+    after a backoff while its lock wait times out, within the call's deadline;
+    then ABORTED. Between attempts nothing waits in the lock queue, so other
+    collections' statements pass."""
+    delay = DDL_FIRST_BACKOFF_S
+    for attempt in range(1, DDL_ATTEMPTS + 1):
+        try:
+            async with uow.savepoint():
+                await ddl()
+            return
+        except Exception as exc:
+            if not isinstance(classify_database_error(exc), errors.Aborted):
+                raise
+        pause = delay * (0.5 + random.random())  # noqa: S311
+        left = deadlines.remaining()
+        if attempt == DDL_ATTEMPTS or (left is not None and left < pause + 0.5):
+            break
+        await asyncio.sleep(pause)
+        delay *= 2
+    raise errors.Aborted("the collection's table is busy; retry")
+
+
 class VectorService:
     def __init__(self, units: Database) -> None:
-        self._specs: LRUCache[tuple[uuid.UUID, str], CollectionSpec] = LRUCache(SPEC_CACHE_SIZE)
+        self._specs: TTLCache[tuple[uuid.UUID, str], CollectionSpec] = TTLCache(
+            SPEC_CACHE_SIZE, SPEC_CACHE_SECONDS
+        )
         # GetItem's reads, coalesced across callers: the collection by (owner,
         # name) when it is not cached, then the item by (collection, id).
         self._collections: PointReads[tuple[uuid.UUID, str]] = PointReads(
@@ -82,7 +123,7 @@ class VectorService:
             spec = await repo.insert({**values, "owner_id": caller.user_id})
             if spec is None:
                 raise errors.AlreadyExists(f"collection {message.name!r} already exists")
-            await repo.create_storage(spec)
+            await retry_ddl(uow, lambda: repo.create_storage(spec))
             self._specs.pop((caller.user_id, spec.name), None)
             await AuditRepository(uow.conn).record(
                 caller, "vectors.collection.create", _resource(spec), {"name": spec.name}
@@ -116,7 +157,7 @@ class VectorService:
         self._specs.pop((caller.user_id, name), None)
         if spec is None:
             raise _not_found(name)
-        await repo.drop_storage(spec)
+        await retry_ddl(uow, lambda: repo.drop_storage(spec))
         await AuditRepository(uow.conn).record(
             caller, "vectors.collection.delete", _resource(spec), {"name": spec.name}
         )
@@ -175,7 +216,7 @@ class VectorService:
             if spec.id != cached.id:
                 row = await self._items.get((spec.id, item_id))
         if row is None:
-            raise errors.NotFound(f"item {item_id!r} not found in {name!r}")
+            raise errors.NotFound(f"item {errors.quote(item_id)} not found in {name!r}")
         item = vector_pb2.Item()
         hits = _ITEM_HITS_WITH_VECTOR if request.with_vector else _ITEM_HITS
         convert.item_to_proto(row, spec, hits, item)
@@ -236,21 +277,49 @@ class VectorService:
     async def search_similar(
         self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchSimilarRequest
     ) -> list[vector_pb2.ScoredItem]:
-        top_k = convert.top_k(request.top_k)
-        ef_search = convert.ef_search(request)
-        threshold = convert.score_threshold(request)
-        filter_json = convert.filter_json(request.filter)
-        hits = Hits(with_vector=request.with_vector, with_metadata=request.with_metadata)
+        similar = convert.similar(request)
         spec = await self._spec(uow, caller, request.collection)
-        vector = convert.vector_value(request.vector, spec, "vector")
-        search = await item_search(uow, spec)
+        search = replace(
+            similar.search, vector=convert.vector_value(similar.vector, spec, "vector")
+        )
+        searches = await item_search(uow, spec)
         try:
-            rows = await search.similar(
-                vector, top_k, filter_json, exact=request.exact, hits=hits, ef_search=ef_search
-            )
-        except asyncpg.UndefinedTableError:
+            rows = await searches.similar(search)
+        except _VANISHED:
             raise await self._vanished(uow, caller, request.collection) from None
-        return convert.scored_items(rows, spec, hits, threshold)
+        return convert.scored_items(rows, spec, search.hits, similar.threshold)
+
+    async def search_similar_batch(
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchSimilarBatchRequest
+    ) -> vector_pb2.SearchSimilarBatchResponse:
+        """Every search as SearchSimilar would answer it, in as few statements
+        as their shapes and settings allow (see ItemSearch.similar_batch)."""
+        if not 1 <= len(request.searches) <= convert.MAX_SEARCHES:
+            raise errors.InvalidArgument(
+                "searches", f"must hold 1 to {convert.MAX_SEARCHES} searches"
+            )
+        checked = [
+            convert.similar(query, f"searches[{i}].") for i, query in enumerate(request.searches)
+        ]
+        spec = await self._spec(uow, caller, request.collection)
+        searches = [
+            replace(
+                one.search,
+                vector=convert.vector_value(one.vector, spec, f"searches[{i}].vector"),
+            )
+            for i, one in enumerate(checked)
+        ]
+        reads = await item_search(uow, spec)
+        try:
+            results = await reads.similar_batch(searches)
+        except _VANISHED:
+            raise await self._vanished(uow, caller, request.collection) from None
+        response = vector_pb2.SearchSimilarBatchResponse()
+        for rows, one, search in zip(results, checked, searches, strict=True):
+            response.results.add().hits.extend(
+                convert.scored_items(rows, spec, search.hits, one.threshold)
+            )
+        return response
 
     async def search_text(
         self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchTextRequest
@@ -258,12 +327,13 @@ class VectorService:
         query = _query(request.query, required=True)
         top_k = convert.top_k(request.top_k)
         filter_json = convert.filter_json(request.filter)
+        where = filters.parse(request.where)
         hits = Hits()
         spec = await self._spec(uow, caller, request.collection)
         search = await item_search(uow, spec)
         try:
-            rows = await search.text(query, top_k, filter_json, hits)
-        except asyncpg.UndefinedTableError:
+            rows = await search.text(query, top_k, filter_json, hits, where)
+        except _VANISHED:
             raise await self._vanished(uow, caller, request.collection) from None
         return convert.scored_items(rows, spec, hits)
 
@@ -276,22 +346,96 @@ class VectorService:
         if not 1 <= rrf_k <= 10_000:
             raise errors.InvalidArgument("rrf_k", "must be between 1 and 10000")
         filter_json = convert.filter_json(request.filter)
+        where = filters.parse(request.where)
         hits = Hits()
         spec = await self._spec(uow, caller, request.collection)
         vector = convert.vector_value(request.vector, spec, "vector")
         search = await item_search(uow, spec)
         candidates = max(top_k, HYBRID_CANDIDATES)
         try:
-            rows = await search.hybrid(vector, query, top_k, candidates, rrf_k, filter_json, hits)
-        except asyncpg.UndefinedTableError:
+            rows = await search.hybrid(
+                vector, query, top_k, candidates, rrf_k, filter_json, hits, where
+            )
+        except _VANISHED:
             raise await self._vanished(uow, caller, request.collection) from None
         return convert.scored_items(rows, spec, hits)
+
+    # -- scrolling, counting, metadata indexes ------------------------------------------
+
+    async def list_items(
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.ListItemsRequest
+    ) -> vector_pb2.ListItemsResponse:
+        """A keyset page by id: one statement. A page ends early once its items
+        hold PAGE_BYTES (a page of large vectors would pass what clients take)."""
+        size = pagination.page_size(request.page_size)
+        where = filters.parse(request.where)
+        spec = await self._spec(uow, caller, request.collection)
+        token_query = pagination.fingerprint(
+            "ListItems", str(caller.user_id), request.collection, request.where
+        )
+        after = pagination.decode_token(request.page_token, token_query, str)
+        hits = _ITEM_HITS_WITH_VECTOR if request.with_vector else _ITEM_HITS
+        search = await item_search(uow, spec)
+        try:
+            rows = await search.page(where, None if after is None else after[0], size + 1, hits)
+        except _VANISHED:
+            raise await self._vanished(uow, caller, request.collection) from None
+        count = _page_rows(rows, size)
+        response = vector_pb2.ListItemsResponse()
+        for row in rows[:count]:
+            convert.item_to_proto(row, spec, hits, response.items.add())
+        response.next_page_token = pagination.next_page_token(
+            rows[: count + 1], count, token_query, lambda row: (row["id"],)
+        )
+        return response
+
+    async def count_items(
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.CountItemsRequest
+    ) -> vector_pb2.CountItemsResponse:
+        where = filters.parse(request.where)
+        spec = await self._spec(uow, caller, request.collection)
+        search = await item_search(uow, spec)
+        try:
+            count = await search.count(where)
+        except _VANISHED:
+            raise await self._vanished(uow, caller, request.collection) from None
+        return vector_pb2.CountItemsResponse(count=count)
+
+    async def create_metadata_index(
+        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.CreateMetadataIndexRequest
+    ) -> vector_pb2.Collection:
+        """Records the index on the collection's row and builds it on the
+        collection's partition, in one transaction; a second call for the same
+        key and type finds it recorded and changes nothing."""
+        name = convert.check_name(request.collection, "collection")
+        filters.key_path(request.key, "key")
+        kind = filters.INDEX_TYPES.get(request.type)
+        if kind is None:
+            raise errors.InvalidArgument(
+                "type",
+                "must be METADATA_INDEX_TYPE_KEYWORD, METADATA_INDEX_TYPE_NUMBER or "
+                "METADATA_INDEX_TYPE_TIME",
+            )
+        repo = CollectionRepository(uow)
+        added = await repo.add_metadata_index(caller.user_id, name, request.key, kind)
+        if added is None:
+            raise _not_found(name)
+        spec, created = added
+        self._specs.pop((caller.user_id, name), None)
+        if created:
+            await repo.create_metadata_index(spec, request.key, kind)
+            await AuditRepository(uow.conn).record(
+                caller,
+                "vectors.metadata_index.create",
+                _resource(spec),
+                {"name": spec.name, "key": request.key, "type": kind},
+            )
+        return convert.collection_to_proto(spec, await repo.count_items(spec))
 
     async def check_duplicate(
         self, uow: UnitOfWork, caller: Principal, request: vector_pb2.CheckDuplicateRequest
     ) -> vector_pb2.CheckDuplicateResponse:
-        if "\x00" in request.url:
-            raise errors.InvalidArgument("url", "must not contain NUL characters")
+        validate.text(request.url, "url", max_bytes=validate.MAX_KEY_BYTES)
         url = normalize_url(request.url)
         threshold = (
             request.threshold if request.HasField("threshold") else DEFAULT_DUPLICATE_THRESHOLD
@@ -310,7 +454,7 @@ class VectorService:
                     is_duplicate=True, kind=common_pb2.DUPLICATE_KIND_URL, match_id=match, score=1.0
                 )
             nearest = None if vector is None else await search.nearest_by_cosine(vector)
-        except asyncpg.UndefinedTableError:
+        except _VANISHED:
             raise await self._vanished(uow, caller, request.collection) from None
         if nearest is None:
             return vector_pb2.CheckDuplicateResponse()
@@ -328,12 +472,31 @@ class VectorService:
         )
 
 
+# A page of ListItems ends early once its items hold this many bytes (clients
+# receive 4 MiB by default).
+PAGE_BYTES = 2_000_000
+
+
+def _page_rows(rows: list[asyncpg.Record], size: int) -> int:
+    """How many of `rows` (fetched with a limit of `size` + 1) a page holds: up
+    to `size`, fewer when they pass PAGE_BYTES (never none)."""
+    total = 0
+    for i, row in enumerate(rows[:size]):
+        total += row["page_bytes"]
+        if total > PAGE_BYTES and i:
+            return i
+    return min(len(rows), size)
+
+
 def _query(value: str, *, required: bool) -> str:
-    if "\x00" in value:
-        raise errors.InvalidArgument("query", "must not contain NUL characters")
+    validate.text(value, "query", max_chars=validate.MAX_QUERY_CHARS)
     if required and not value.strip():
         raise errors.InvalidArgument("query", "is required")
     return value
+
+
+# Where a staged record (stream index, then STAGED_COLUMNS) holds content_id.
+_CONTENT_ID = 6
 
 
 class _Upsert:
@@ -362,7 +525,31 @@ class _Upsert:
             self._valid += 1
             batch.append((index, *record))
 
+    async def _own_content(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """`batch` without the items whose content_id is not one of the
+        caller's content rows (each reported)."""
+        named = {record[_CONTENT_ID] for record in batch if record[_CONTENT_ID] is not None}
+        if not named:
+            return batch
+        foreign = named - await ContentRepository(self._uow).owned_ids(
+            list(named), self._caller.user_id
+        )
+        if not foreign:
+            return batch
+        kept = []
+        for record in batch:
+            if record[_CONTENT_ID] in foreign:
+                self._errors.refused_by_database(
+                    record[0], "content_id", "no content of yours has this ID"
+                )
+            else:
+                kept.append(record)
+        return kept
+
     async def _flush(self, batch: list[tuple[Any, ...]]) -> None:
+        batch = await self._own_content(batch)
+        if not batch:
+            return
         await self._repo.stage(batch)
         repeated = len({record[1] for record in batch}) < len(batch)
         await bulk.move_in_halves(

@@ -9,19 +9,11 @@ import grpc
 from google.protobuf import empty_pb2
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 
-from server import errors
 from server.auth import principal
 from server.uow import Database
 from server.vectors.service import VectorService
 
 Context = grpc.aio.ServicerContext[Any, Any]
-
-
-class NotServedYet(errors.ObservatoryError):
-    """An RPC of the released contract that this server does not serve yet."""
-
-    code = grpc.StatusCode.UNIMPLEMENTED
-    reason = "NOT_IMPLEMENTED"
 
 
 class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
@@ -112,25 +104,26 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
         async with self._db.read() as uow:
             return await self._service.check_duplicate(uow, principal(), request)
 
-    # Released in the contract, served by later work; until then an explicit
-    # UNIMPLEMENTED (the generated base class would end in INTERNAL).
-
     async def SearchSimilarBatch(
         self, request: vector_pb2.SearchSimilarBatchRequest, context: Context
     ) -> vector_pb2.SearchSimilarBatchResponse:
-        raise NotServedYet("SearchSimilarBatch is not served yet")
+        async with self._db.read() as uow:
+            return await self._service.search_similar_batch(uow, principal(), request)
 
     async def ListItems(
         self, request: vector_pb2.ListItemsRequest, context: Context
     ) -> vector_pb2.ListItemsResponse:
-        raise NotServedYet("ListItems is not served yet")
+        async with self._db.read() as uow:
+            return await self._service.list_items(uow, principal(), request)
 
     async def CountItems(
         self, request: vector_pb2.CountItemsRequest, context: Context
     ) -> vector_pb2.CountItemsResponse:
-        raise NotServedYet("CountItems is not served yet")
+        async with self._db.read() as uow:
+            return await self._service.count_items(uow, principal(), request)
 
     async def CreateMetadataIndex(
         self, request: vector_pb2.CreateMetadataIndexRequest, context: Context
     ) -> vector_pb2.Collection:
-        raise NotServedYet("CreateMetadataIndex is not served yet")
+        async with self._db.write() as uow:
+            return await self._service.create_metadata_index(uow, principal(), request)

@@ -83,3 +83,20 @@ def exact_top(data: np.ndarray, query: np.ndarray, k: int, metric: str = "cosine
 
 def index_of(hit: vector_pb2.ScoredItem) -> int:
     return int(hit.item.id.removeprefix("item-"))
+
+
+def embedding_like(count: int, dimension: int, *, seed: int = 42) -> np.ndarray:
+    """Vectors around 100 centres, each cluster spread over a 24-dimensional
+    subspace plus a little noise: like real embeddings (and bench.vectors), an
+    intrinsic dimension far below `dimension`."""
+    rng = np.random.default_rng(seed)
+    clusters, latent = 100, 24
+    centres = rng.normal(size=(clusters, dimension))
+    bases = rng.normal(size=(clusters, latent, dimension)) / np.sqrt(latent)
+    labels = rng.integers(0, clusters, size=count)
+    vectors = rng.normal(scale=0.05, size=(count, dimension))
+    spread = rng.normal(size=(count, latent)) * 0.6
+    for cluster in range(clusters):
+        members = labels == cluster
+        vectors[members] += centres[cluster] + spread[members] @ bases[cluster]
+    return vectors.astype(np.float32)

@@ -90,7 +90,7 @@ async def test_a_name_is_unique_per_owner(vector_stub, alice, bob):
         ({"name": ""}, "collection.name"),
         ({"dimension": 0}, "collection.dimension"),
         ({"dimension": 16001}, "collection.dimension"),
-        ({"dimension": 4001, "precision": vector_pb2.PRECISION_FLOAT16}, "collection.dimension"),
+        ({"quantization": 5}, "collection.quantization"),
         ({"metric": 9}, "collection.metric"),
         ({"precision": 7}, "collection.precision"),
         ({"hnsw_m": 1}, "collection.hnsw_m"),

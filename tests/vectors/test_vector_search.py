@@ -13,7 +13,13 @@ from observatory.v1 import common_pb2, vector_pb2
 from server.db import create_engine
 from server.uow import Database
 from server.vectors import repository
-from server.vectors.repository import CollectionRepository, CollectionSpec, Hits, item_search
+from server.vectors.repository import (
+    CollectionRepository,
+    CollectionSpec,
+    Hits,
+    SimilarSearch,
+    item_search,
+)
 from tests.conftest import make_settings
 from tests.helpers import expect_rpc_error, new_caller
 from tests.vectors.helpers import (
@@ -178,6 +184,12 @@ async def units(database_url) -> AsyncIterator[Database]:
     await database.dispose()
 
 
+async def _similar(search, vector, top_k: int, filter_json: str | None, **fields):
+    return await search.similar(
+        SimilarSearch(vector=vector, top_k=top_k, filter_json=filter_json, **fields)
+    )
+
+
 async def _spec(units: Database, owner, name: str) -> CollectionSpec:
     async with units.read() as uow:
         spec = await CollectionRepository(uow).find(owner.user_id, name)
@@ -196,7 +208,7 @@ async def test_a_selective_filter_is_answered_by_the_index_scan_alone(
     async with units.read() as uow:
         await uow.use_settings({"enable_bitmapscan": "off", "enable_seqscan": "off"})
         search = await item_search(uow, spec)
-        rows = await search.similar(query, 10, '{"group": 11}', exact=False, hits=Hits())
+        rows = await _similar(search, query, 10, '{"group": 11}', exact=False, hits=Hits())
         plan = await search.explain_similar(query, 10, '{"group": 11}', exact=False, analyze=True)
     members = np.arange(COUNT)[np.arange(COUNT) % GROUPS == 11]
     truth = [int(members[i]) for i in exact_top(data[members], query, 10)]
@@ -273,16 +285,16 @@ async def test_a_search_runs_with_its_own_hnsw_settings(app, owner, cosine, quer
     spec = await _spec(app.units, owner, cosine)
     async with app.units.read() as uow:
         search = await item_search(uow, spec)
-        await search.similar(queries[0], 5, None, exact=False, hits=Hits(), ef_search=321)
+        await _similar(search, queries[0], 5, None, exact=False, hits=Hits(), ef_search=321)
         assert await _hnsw_settings(uow) == {
             "hnsw.ef_search": "321",
             "hnsw.iterative_scan": "relaxed_order",
             "hnsw.max_scan_tuples": str(repository.MAX_SCAN_TUPLES),
             "hnsw.scan_mem_multiplier": str(repository.SCAN_MEM_MULTIPLIER),
         }
-        await search.similar(queries[0], 5, '{"even": true}', exact=False, hits=Hits())
+        await _similar(search, queries[0], 5, '{"even": true}', exact=False, hits=Hits())
         assert (await _hnsw_settings(uow))["hnsw.ef_search"] == "40"
-        await search.similar(queries[0], 5, None, exact=False, hits=Hits(), ef_search=77)
+        await _similar(search, queries[0], 5, None, exact=False, hits=Hits(), ef_search=77)
         assert (await _hnsw_settings(uow))["hnsw.ef_search"] == "77"
 
 
@@ -307,7 +319,7 @@ async def test_a_search_after_one_with_another_ef_search_gets_its_own(
 async def _check_ef(units: Database, spec: CollectionSpec, query, ef_search: int | None) -> None:
     async with units.read() as uow:
         search = await item_search(uow, spec)
-        await search.similar(query, 5, None, exact=False, hits=Hits(), ef_search=ef_search)
+        await _similar(search, query, 5, None, exact=False, hits=Hits(), ef_search=ef_search)
         assert await uow.driver.fetchval("SHOW hnsw.ef_search") == str(ef_search or 40)
         await asyncio.sleep(0.01)
 
@@ -375,12 +387,6 @@ async def test_float16_collections_of_3072_dimensions_index_and_search(vector_st
     assert recall([index_of(h) for h in hits], exact_top(vectors, query, 5)) >= 0.8
     assert len(hits[0].item.vector) == 3072
     assert np.allclose(hits[0].item.vector, vectors[17], atol=1e-2)
-
-
-async def test_float32_above_the_hnsw_limit_is_refused(vector_stub, owner):
-    details = await expect_rpc_error(create_collection(vector_stub, owner, 2001))
-    assert details.code == grpc.StatusCode.INVALID_ARGUMENT
-    assert details.fields == ["collection.dimension"]
 
 
 async def test_search_text_finds_words_best_first(vector_stub, owner, cosine):
