@@ -219,6 +219,7 @@ async def _expire_credits(units: uow.Database, credits: CreditService) -> None:
             async with units.autocommit() as unit:  # it writes: never on a replica
                 swept, batch_expired = await credits.expire_lapsed(unit)
             expired += batch_expired
+            metrics.RESERVATIONS_EXPIRED.inc(batch_expired)
             if swept < EXPIRY_BATCH:
                 break
         if expired:

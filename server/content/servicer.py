@@ -9,9 +9,11 @@ from typing import Any
 import grpc
 from observatory.v1 import content_pb2, content_pb2_grpc
 
+from server import bulk
 from server.auth import principal
 from server.content import reports
 from server.content.export import Export, check_format, export_fields
+from server.content.ingest import Ingest
 from server.content.service import (
     ContentService,
     content_query,
@@ -20,6 +22,8 @@ from server.content.service import (
     search_request,
     update_request,
 )
+from server.limits import Limits
+from server.ops import metrics
 from server.protoconv import parse_uuid
 from server.uow import Database
 
@@ -27,9 +31,10 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class ContentServicer(content_pb2_grpc.ContentServiceServicer):
-    def __init__(self, service: ContentService, db: Database) -> None:
+    def __init__(self, service: ContentService, db: Database, limits: Limits) -> None:
         self._service = service
         self._db = db
+        self._limits = limits
 
     async def CreateContent(
         self, request: content_pb2.CreateContentRequest, context: Context
@@ -81,7 +86,9 @@ class ContentServicer(content_pb2_grpc.ContentServiceServicer):
     ) -> content_pb2.SearchContentResponse:
         page = search_request(principal(), request)
         async with self._db.read() as uow:
-            return await self._service.search(uow, page)
+            response = await self._service.search(uow, page)
+        metrics.SEARCHES_CONTENT.inc()
+        return response
 
     async def IngestContent(
         self, request_iterator: AsyncIterator[content_pb2.IngestContentRequest], context: Context
@@ -90,9 +97,10 @@ class ContentServicer(content_pb2_grpc.ContentServiceServicer):
         first = await anext(request_iterator, None)
         if first is None:
             return content_pb2.IngestContentResponse()
-        # One write unit for the whole stream.
-        async with self._db.write() as uow:
-            return await self._service.ingest(uow, caller, first, request_iterator)
+        # No unit for the stream: each batch is written in a unit of its own
+        # (server.content.ingest), so no connection waits on the client.
+        rest = bulk.whole_stream(request_iterator, context)
+        return await Ingest(self._db, self._limits.bulk, caller).run(first, rest)
 
     async def ExportContent(
         self, request: content_pb2.ExportContentRequest, context: Context
@@ -104,6 +112,8 @@ class ContentServicer(content_pb2_grpc.ContentServiceServicer):
             content_query(principal(), request.filter),
             export_fields(request.columns, request.include_metadata),
             check_format(request.format),
+            idle_s=self._limits.export_idle_s,
+            slots=self._limits.export_slots,
         )
         # However the RPC ends (also while the stream waits on the client), the
         # export stops and its connection goes back at once.

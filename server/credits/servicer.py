@@ -20,6 +20,7 @@ from server import errors, idempotency, pagination
 from server.auth import principal
 from server.credits.repository import RequestKey
 from server.credits.service import MAX_PAGE_SIZE, CreditService
+from server.ops import metrics
 from server.protoconv import optional_uuid, parse_uuid, timestamp_field
 from server.uow import Database
 
@@ -93,7 +94,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         memo = _text(request.memo, "memo")
         key = _request_key("GrantCredits", request)
         async with self._db.autocommit() as uow:
-            return await self._service.grant(
+            allocation = await self._service.grant(
                 uow,
                 caller,
                 key,
@@ -103,6 +104,8 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
                 valid_from=valid_from,
                 valid_until=valid_until,
             )
+        metrics.CREDITS_GRANTED.inc(allocation.amount)
+        return allocation
 
     async def GetBalance(
         self, request: credit_pb2.GetBalanceRequest, context: Context
@@ -121,9 +124,11 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         ttl = _ttl(request)
         key = _request_key("ReserveCredits", request, user_id.bytes)
         async with self._db.autocommit() as uow:
-            return await self._service.reserve(
+            reservation = await self._service.reserve(
                 uow, caller, key, user_id=user_id, amount=amount, reference=reference, ttl=ttl
             )
+        metrics.CREDITS_RESERVED.inc(reservation.amount)
+        return reservation
 
     async def SettleReservation(
         self, request: credit_pb2.SettleReservationRequest, context: Context
@@ -134,7 +139,12 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             raise errors.InvalidArgument("amount", "must not be negative")
         key = _request_key("SettleReservation", request)
         async with self._db.autocommit() as uow:
-            return await self._service.settle(uow, caller, key, reservation_id, request.amount)
+            reservation = await self._service.settle(
+                uow, caller, key, reservation_id, request.amount
+            )
+        metrics.CREDITS_SETTLED.inc(reservation.settled_amount)
+        metrics.CREDITS_RELEASED.inc(reservation.amount - reservation.settled_amount)
+        return reservation
 
     async def ReleaseReservation(
         self, request: credit_pb2.ReleaseReservationRequest, context: Context
@@ -142,7 +152,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         caller = principal()
         reservation_id = parse_uuid(request.reservation_id, "reservation_id")
         async with self._db.autocommit() as uow:
-            return await self._service.release(uow, caller, reservation_id)
+            reservation = await self._service.release(uow, caller, reservation_id)
+        metrics.CREDITS_RELEASED.inc(reservation.amount)
+        return reservation
 
     async def ListTransactions(
         self, request: credit_pb2.ListTransactionsRequest, context: Context

@@ -110,7 +110,10 @@ CREDITS_GRANTED = _CREDITS.labels(kind="granted")
 CREDITS_RESERVED = _CREDITS.labels(kind="reserved")
 CREDITS_SETTLED = _CREDITS.labels(kind="settled")
 CREDITS_RELEASED = _CREDITS.labels(kind="released")
-CREDITS_EXPIRED = _CREDITS.labels(kind="expired")
+RESERVATIONS_EXPIRED = Counter(
+    "observatory_credit_reservations_expired_total",
+    "Pending reservations released by the expiry sweep.",
+)
 _SEARCHES = Counter(
     "observatory_searches_total",
     "Searches run (each query of a batch counts), by kind.",

@@ -10,6 +10,7 @@ from google.protobuf import empty_pb2
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 
 from server.auth import principal
+from server.ops import metrics
 from server.uow import Database
 from server.vectors.service import VectorService
 
@@ -79,6 +80,7 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
         async with self._db.read() as uow:
             hits = await self._service.search_similar(uow, principal(), request)
+        metrics.SEARCHES_SIMILAR.inc()
         for hit in hits:
             yield hit
 
@@ -87,6 +89,7 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
         async with self._db.read() as uow:
             hits = await self._service.search_text(uow, principal(), request)
+        metrics.SEARCHES_TEXT.inc()
         for hit in hits:
             yield hit
 
@@ -95,6 +98,7 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
         async with self._db.read() as uow:
             hits = await self._service.hybrid_search(uow, principal(), request)
+        metrics.SEARCHES_HYBRID.inc()
         for hit in hits:
             yield hit
 
@@ -108,7 +112,9 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
         self, request: vector_pb2.SearchSimilarBatchRequest, context: Context
     ) -> vector_pb2.SearchSimilarBatchResponse:
         async with self._db.read() as uow:
-            return await self._service.search_similar_batch(uow, principal(), request)
+            response = await self._service.search_similar_batch(uow, principal(), request)
+        metrics.SEARCHES_SIMILAR.inc(len(request.searches))
+        return response
 
     async def ListItems(
         self, request: vector_pb2.ListItemsRequest, context: Context

@@ -7,10 +7,11 @@ import uuid
 import grpc
 import pytest
 import pytest_asyncio
-from observatory.v1 import content_pb2, content_pb2_grpc
+from observatory.v1 import content_pb2, content_pb2_grpc, credit_pb2_grpc
 
 from server.app import create_server
 from tests.conftest import make_settings
+from tests.credits.helpers import grant, release, reserve, settle
 from tests.helpers import ingest_requests, make_content, new_caller
 from tests.ops.helpers import free_port, scrape, start_server, stop_server, value, wait_ready
 
@@ -129,3 +130,31 @@ async def test_a_scrape_of_any_worker_shows_the_sum_of_all(database_url):
             assert value(samples, "observatory_db_pool_size") == 2 * 15
     finally:
         assert await stop_server(process) == 0
+
+
+async def test_domain_counters_move_with_credits_and_searches(served):
+    app, stub = served
+    user, admin = new_caller(), new_caller("admin")
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    credits = credit_pb2_grpc.CreditServiceStub(channel)
+    before = await scrape(app.side_port.port)
+    await grant(credits, admin, user, 1000)
+    settled = await reserve(credits, user, 300)
+    await settle(credits, user, settled.id, 120)
+    released = await reserve(credits, user, 50)
+    await release(credits, user, released.id)
+    await stub.SearchContent(
+        content_pb2.SearchContentRequest(filter=content_pb2.ContentFilter(query="anything")),
+        metadata=user.metadata,
+    )
+    after = await scrape(app.side_port.port)
+    await channel.close()
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("observatory_credits_total", kind="granted") == 1000
+    assert delta("observatory_credits_total", kind="reserved") == 350
+    assert delta("observatory_credits_total", kind="settled") == 120
+    assert delta("observatory_credits_total", kind="released") == 180 + 50
+    assert delta("observatory_searches_total", kind="content_fulltext") == 1
