@@ -9,7 +9,8 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 from server import auth, logs, migrate, tls
 from server.auth import ADMIN, USER, issue_token
@@ -43,10 +44,21 @@ async def _serve_worker(settings: Settings, database_url: str) -> None:
     await app.stop(settings.shutdown_grace)
 
 
+def _run_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
+    """Runs a worker's `main` on the event loop OBSERVATORY_EVENT_LOOP names."""
+    if settings.event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+        return
+    asyncio.run(main)
+
+
 def _run_worker(settings: Settings, database_url: str) -> None:
     logs.configure(settings.log_level)
     try:
-        asyncio.run(_serve_worker(settings, database_url))
+        _run_loop(settings, _serve_worker(settings, database_url))
     except ConfigurationError as exc:
         log.error(str(exc))
         raise SystemExit(1) from None
@@ -70,7 +82,7 @@ def serve(settings: Settings) -> None:
     try:
         migrate.upgrade(database_url)
         if settings.workers == 1:
-            asyncio.run(_serve_worker(settings, database_url))
+            _run_loop(settings, _serve_worker(settings, database_url))
             return
         # Metrics of all workers go to shared files, so any worker's /metrics
         # shows the sum; set up before the first worker exists.

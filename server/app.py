@@ -121,11 +121,16 @@ async def create_server(settings: Settings, database_url: str) -> App:
         )
         await side_port.start()
     replica = replicas.from_settings(settings)
-    units = uow.Database(engine, lambda: connect_directly(database_url), replica)
+    units = uow.Database(
+        engine,
+        lambda: connect_directly(database_url),
+        replica,
+        statement_timeout_s=settings.statement_timeout_s,
+    )
     if side_port is not None:
         side_port.replica_state = lambda: replicas.replica_state(replica)
     # Page tokens are signed with a key of the deployment's (its token secret's).
-    pagination.use_key(pagination.derive_key(settings.jwt_secret or settings.jwt_public_key or ""))
+    pagination.use_key(pagination.deployment_key(settings.jwt_secret, settings.jwt_public_key))
     content = ContentService(units)
     limits = Limits(settings)
     server = grpc.aio.server(

@@ -9,6 +9,20 @@ from collections.abc import Mapping, Sequence
 import grpc
 
 DOMAIN = "observatory.v1"
+# What an error may carry (the contract: a message of at most 1 KiB that never
+# echoes more than 200 characters of any input; all trailers under 8 KiB).
+# Call sites quote input through `quote`; the interceptor enforces the rest.
+MAX_ECHO_CHARS = 200
+QUOTE_CHARS = 64
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """`value` as an error message quotes a client's input: repr'd, and cut
+    to `limit` characters (marked with an ellipsis) when longer."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) > limit:
+        return repr(text[:limit]) + "…"
+    return repr(text)
 
 
 class ObservatoryError(Exception):
@@ -102,5 +116,5 @@ class LimitExceeded(ObservatoryError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     reason = "LIMIT_EXCEEDED"
 
-    def __init__(self, message: str, *, limit: str, maximum: int) -> None:
-        super().__init__(message, metadata={"limit": limit, "max": str(maximum)})
+    def __init__(self, message: str, *, limit: str, maximum: float) -> None:
+        super().__init__(message, metadata={"limit": limit, "max": f"{maximum:g}"})

@@ -20,7 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from pythonjsonlogger.json import JsonFormatter
 
-from server import errors, replicas
+from server import deadlines, errors, replicas
 from server.audit import current_request_id
 from server.auth import Authenticator, Principal, current_principal
 from server.db import classify_database_error
@@ -39,21 +39,84 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Deserializer = Callable[[bytes], Any]
 Requests: TypeAlias = "Callable[[Any, _Call], Any]"
+# Asked once the caller is known, before the handler runs, with the method's
+# name, whether it streams, and the caller (server.limits): raises an
+# errors.ObservatoryError to refuse the call, or returns what to call when the
+# RPC ends.
+Admission: TypeAlias = Callable[[str, bool, Principal], Callable[[], None]]
+
+
+# What an error sends back, whatever the input behind it (the contract: a
+# message of at most 1 KiB; all trailers under 8 KiB, clients' default metadata
+# limit). Call sites quote input sparingly (errors.quote); these bounds hold
+# even when one does not.
+MAX_MESSAGE_BYTES = 1024
+MAX_DESCRIPTION_BYTES = 512
+MAX_FIELD_CHARS = errors.MAX_ECHO_CHARS
+MAX_VIOLATIONS = 10
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = errors.MAX_ECHO_CHARS
+# Trailers an error may take, as HTTP/2 counts them (name + value + 32 bytes
+# per entry, binary values base64-encoded): 1 KiB under the 8 KiB limit.
+TRAILER_BUDGET = 7 * 1024
+_ENTRY_OVERHEAD = 32
+_STATUS_TRAILERS = len("grpc-status") + 2 + _ENTRY_OVERHEAD
+_MESSAGE_KEY = len("grpc-message") + _ENTRY_OVERHEAD
+_DETAILS_KEY = len("grpc-status-details-bin") + _ENTRY_OVERHEAD
+# grpc percent-encodes every byte of grpc-message outside printable ASCII, and '%'.
+_PLAIN_BYTES = frozenset(range(0x20, 0x7F)) - {ord("%")}
 
 
 def to_status(exc: errors.ObservatoryError, request_id: str) -> grpc.Status:
+    """`exc` as a status with ErrorInfo (and BadRequest for bad input), cut
+    down to the bounds above: first by the per-part limits, then, should the
+    trailers still be too large, by tighter ones that always fit."""
+    metadata = list(exc.metadata.items())[:MAX_METADATA_ENTRIES]
+    status = _status(
+        exc,
+        _clip(exc.message, MAX_MESSAGE_BYTES),
+        [
+            (_clip(field, MAX_FIELD_CHARS), _clip(description, MAX_DESCRIPTION_BYTES))
+            for field, description in exc.field_violations[:MAX_VIOLATIONS]
+        ],
+        {
+            _clip(key, MAX_METADATA_KEY_CHARS): _clip(value, MAX_METADATA_VALUE_CHARS)
+            for key, value in metadata
+        },
+        request_id,
+    )
+    if _trailer_size(status) > TRAILER_BUDGET:
+        status = _status(
+            exc,
+            _clip(exc.message, 256),
+            [(_clip(field, 100), _clip(text, 200)) for field, text in exc.field_violations[:1]],
+            {_clip(key, 32): _clip(value, 64) for key, value in metadata[:8]},
+            request_id,
+        )
+    converted: grpc.Status = rpc_status.to_status(status)
+    return converted
+
+
+def _status(
+    exc: errors.ObservatoryError,
+    message: str,
+    violations: list[tuple[str, str]],
+    metadata: dict[str, str],
+    request_id: str,
+) -> status_pb2.Status:
     info = error_details_pb2.ErrorInfo(
-        reason=exc.reason, domain=errors.DOMAIN, metadata={**exc.metadata, "request_id": request_id}
+        reason=exc.reason, domain=errors.DOMAIN, metadata={**metadata, "request_id": request_id}
     )
     details = [info]
-    if exc.field_violations:
+    if violations:
         details.append(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
                         field=field, description=description
                     )
-                    for field, description in exc.field_violations
+                    for field, description in violations
                 ]
             )
         )
@@ -62,9 +125,26 @@ def to_status(exc: errors.ObservatoryError, request_id: str) -> grpc.Status:
         holder = any_pb2.Any()
         holder.Pack(detail)
         packed.append(holder)
-    status = status_pb2.Status(code=exc.code.value[0], message=exc.message, details=packed)
-    converted: grpc.Status = rpc_status.to_status(status)
-    return converted
+    return status_pb2.Status(code=exc.code.value[0], message=message, details=packed)
+
+
+def _clip(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 (at a character boundary,
+    ending in "...") when longer."""
+    if len(text) * 4 <= limit:
+        return text
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
+def _trailer_size(status: status_pb2.Status) -> int:
+    """The trailers of `status` as HTTP/2 counts them (see TRAILER_BUDGET)."""
+    message = status.message.encode()
+    encoded_message = len(message) + 2 * sum(1 for b in message if b not in _PLAIN_BYTES)
+    details = -(-int(status.ByteSize()) // 3) * 4
+    return _STATUS_TRAILERS + _MESSAGE_KEY + encoded_message + _DETAILS_KEY + details
 
 
 def as_observatory_error(exc: BaseException) -> errors.ObservatoryError | None:
@@ -126,10 +206,11 @@ class AccessLog:
 class _Method:
     """What the steps need about one RPC method, made once per method."""
 
-    __slots__ = ("metrics", "name", "span_name")
+    __slots__ = ("metrics", "name", "span_name", "streaming")
 
     def __init__(self, name: str, handler: Handler) -> None:
         self.name = name
+        self.streaming = bool(handler.request_streaming or handler.response_streaming)
         self.span_name = name.lstrip("/")
         self.metrics = MethodMetrics(name, rpc_type(handler))
 
@@ -151,8 +232,14 @@ class _Call:
 
 
 class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator, tracer: tracing.Tracer | None = None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        tracer: tracing.Tracer | None = None,
+        admission: Admission | None = None,
+    ) -> None:
         self._auth = authenticator
+        self._admission = admission or _admit_all
         self._tracer = tracer
         self._wrapped: dict[str, Handler] = {}
         self._access_log = AccessLog(log)
@@ -179,6 +266,7 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(context.invocation_metadata() or ())
         request_id = _request_id(metadata.get(REQUEST_ID_KEY))
         current_request_id.set(request_id)
+        deadlines.begin_call(context.time_remaining())
         replicas.begin_call(_text(metadata.get(replicas.MIN_LSN_KEY)))
         call = _Call(method, request_id)
         method.metrics.started.inc()
@@ -253,8 +341,10 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
     ) -> Callable[..., Awaitable[Any]]:
         async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call, metadata = self._start(method, context)
+            release = _nothing
             try:
                 self._authenticate(call, metadata)
+                release = self._admission(method.name, method.streaming, current_principal.get())
                 response = await behaviour(requests(raw, call), context)
                 _send_lsn(context)
                 call.sent = 1
@@ -264,6 +354,7 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 await self._fail(exc, call, context)
             finally:
+                release()
                 self._finish(call, context)
 
         return handle
@@ -275,8 +366,10 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             raw: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             call, metadata = self._start(method, context)
+            release = _nothing
             try:
                 self._authenticate(call, metadata)
+                release = self._admission(method.name, method.streaming, current_principal.get())
                 async for response in behaviour(requests(raw, call), context):
                     call.sent += 1
                     yield response
@@ -286,9 +379,18 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:
                 await self._fail(exc, call, context)
             finally:
+                release()
                 self._finish(call, context)
 
         return handle
+
+
+def _nothing() -> None:
+    pass
+
+
+def _admit_all(method: str, streaming: bool, caller: Principal) -> Callable[[], None]:
+    return _nothing
 
 
 def _send_lsn(context: grpc.aio.ServicerContext[Any, Any]) -> None:

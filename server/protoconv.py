@@ -4,37 +4,36 @@ validation that names the offending field."""
 from __future__ import annotations
 
 import math
-import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from server import errors
+from server.validate import optional_uuid as optional_uuid  # also offered here
+from server.validate import parse_uuid as parse_uuid
 
-
-def parse_uuid(value: str, field: str) -> uuid.UUID:
-    if not value:
-        raise errors.InvalidArgument(field, "is required")
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise errors.InvalidArgument(field, f"{value[:64]!r} is not a UUID") from None
-
-
-def optional_uuid(value: str, field: str) -> uuid.UUID | None:
-    return parse_uuid(value, field) if value else None
+# The range of Timestamp (and of the service): 0001-01-01T00:00:00Z to
+# 9999-12-31T23:59:59.999999999Z. PostgreSQL keeps microseconds, so the last
+# instant it can hold is 9999-12-31T23:59:59.999999Z.
+MIN_SECONDS = -62135596800
+MAX_SECONDS = 253402300799
 
 
 def timestamp_field(message: Message, name: str, field: str | None = None) -> datetime | None:
-    """The Timestamp field `name` of `message` as an aware datetime, or None when unset."""
+    """The Timestamp field `name` of `message` as an aware datetime (UTC), or None
+    when unset. Nanoseconds below a microsecond are dropped, as PostgreSQL would."""
     if not message.HasField(name):
         return None
     ts: timestamp_pb2.Timestamp = getattr(message, name)
-    if not (0 <= ts.nanos < 1_000_000_000) or not (-62135596800 <= ts.seconds <= 253402300799):
-        raise errors.InvalidArgument(field or name, "is not a valid timestamp")
-    return ts.ToDatetime(tzinfo=UTC)
+    seconds, nanos = ts.seconds, ts.nanos
+    if not (0 <= nanos < 1_000_000_000) or not (MIN_SECONDS <= seconds <= MAX_SECONDS):
+        raise errors.InvalidArgument(
+            field or name,
+            "must be a valid Timestamp from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z",
+        )
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -42,7 +41,14 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
     """Like Timestamp.FromDatetime for an aware datetime, at a fifth of the cost
-    (it runs for every timestamp of every row served)."""
+    (it runs for every timestamp of every row served).
+
+    A naive datetime is taken as UTC: asyncpg reads PostgreSQL's `infinity`
+    and `-infinity` as naive `datetime.max` and `datetime.min`, and writes
+    exactly 9999-12-31T23:59:59.999999Z and 0001-01-01T00:00:00Z as those, so
+    the ends of the range come back as they went in."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
     delta = value - _EPOCH
     target.seconds = delta.days * 86400 + delta.seconds
     target.nanos = delta.microseconds * 1000
@@ -98,6 +104,6 @@ def mask_fields(
             fields.add(path)
         elif path not in output_only:
             raise errors.InvalidArgument(
-                f"update_mask.paths[{i}]", f"{path!r} is not a field of {message_name}"
+                f"update_mask.paths[{i}]", f"{errors.quote(path)} is not a field of {message_name}"
             )
     return frozenset(fields)

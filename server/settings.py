@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,9 @@ class Settings(BaseSettings):
     # PgBouncer in transaction mode cannot keep prepared statements.
     pgbouncer: bool = Field(False, alias="DATABASE_PGBOUNCER")
     workers: int = Field(default_factory=usable_cpus, alias="OBSERVATORY_WORKERS", ge=1)
+    # The event loop each worker runs: uvloop (libuv) or the standard library's
+    # (docs/benchmarks.md compares them).
+    event_loop: Literal["uvloop", "asyncio"] = Field("asyncio", alias="OBSERVATORY_EVENT_LOOP")
     reflection: bool = Field(True, alias="OBSERVATORY_REFLECTION")
     health_interval: float = Field(1.0, alias="OBSERVATORY_HEALTH_INTERVAL", gt=0)
     shutdown_grace: float = Field(10.0, alias="OBSERVATORY_SHUTDOWN_GRACE", ge=0)
@@ -57,6 +61,9 @@ class Settings(BaseSettings):
     request_id_days: int = Field(7, alias="OBSERVATORY_REQUEST_ID_DAYS", ge=1)
     # Months of content partitions kept ready ahead of today.
     partitions_ahead: int = Field(12, alias="OBSERVATORY_PARTITIONS_AHEAD", ge=1)
+    # The longest any SQL statement may run (a nearer client deadline wins), and
+    # the longest a session may sit idle inside a transaction.
+    statement_timeout_s: float = Field(60.0, alias="OBSERVATORY_STATEMENT_TIMEOUT_S", gt=0)
     # Seconds between sweeps that release reservations past their expire_time.
     credit_expiry_interval: float = Field(15.0, alias="OBSERVATORY_CREDIT_EXPIRY_INTERVAL", gt=0)
     # The HTTP side port (/metrics, /livez, /readyz); empty turns it off.
@@ -64,6 +71,21 @@ class Settings(BaseSettings):
     # A directory or s3://bucket/prefix; unset: <data dir>/backups.
     backup_url: str | None = Field(None, alias="OBSERVATORY_BACKUP_URL")
     backup_retention_days: int = Field(30, alias="OBSERVATORY_BACKUP_RETENTION_DAYS", ge=1)
+    # Per-worker limits (server.limits): streaming RPCs one caller may have
+    # open at once, and RPCs served at once; more are refused at once.
+    max_streams_per_caller: int = Field(8, alias="OBSERVATORY_MAX_STREAMS_PER_CALLER", ge=1)
+    max_concurrent_rpcs: int = Field(1000, alias="OBSERVATORY_MAX_CONCURRENT_RPCS", ge=1)
+    # Seconds an export may wait for a client that does not read before it
+    # ends (and gives its snapshot's connection back).
+    export_idle_s: float = Field(60.0, alias="OBSERVATORY_EXPORT_IDLE_S", gt=0)
+    # Bulk streams (IngestContent, UpsertItems; server.bulk): a batch is
+    # written once it holds this many bytes of rows (or 5,000 rows), on at
+    # most OBSERVATORY_BULK_WRITERS connections at once per worker (unset:
+    # min(4, DATABASE_POOL_SIZE / 2), at least 1).
+    bulk_batch_bytes: int = Field(
+        8 * 1024 * 1024, alias="OBSERVATORY_BULK_BATCH_BYTES", ge=64 * 1024
+    )
+    bulk_writers: int | None = Field(None, alias="OBSERVATORY_BULK_WRITERS", ge=1)
 
 
 class ConfigurationError(Exception):

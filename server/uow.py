@@ -38,9 +38,10 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, PoolProxiedConnection
+from sqlalchemy.util import greenlet_spawn
 
-from server import errors, replicas
+from server import deadlines, errors, replicas
 from server.db import classify_database_error, sqlstate
 from server.replicas import Replica
 
@@ -125,14 +126,29 @@ _pending_settings: weakref.WeakKeyDictionary[asyncpg.Connection, dict[str, str]]
 
 
 def _connection_is_sound(exc: BaseException) -> bool:
-    """True when `exc` is an error the server reported about a statement (the
-    connection is fine and can be rolled back and reused)."""
+    """True when the connection is fine after `exc` and can be rolled back and
+    reused: our own errors, errors the server reported about a statement, and
+    errors the driver raised before sending anything. False when a statement
+    may have been interrupted (cancellation) or the connection broke."""
     if isinstance(exc, errors.ObservatoryError):
         return True
-    code = sqlstate(exc)
-    if code is None:
+    driver_error = getattr(exc, "orig", None) or exc.__cause__ or exc
+    if isinstance(driver_error, asyncpg.DataError) and sqlstate(exc) in (None, "22000"):
+        # Refused by the driver while binding a parameter: the statement was
+        # parsed but never run, and the session is left inside an implicit
+        # transaction that the next unit would trip over.
         return False
-    return not isinstance(classify_database_error(exc), errors.Unavailable)
+    classified = classify_database_error(exc)
+    if classified is not None:
+        return not isinstance(classified, errors.Unavailable)
+    return sqlstate(exc) is not None
+
+
+def _database_went_away(exc: BaseException) -> bool:
+    """The server itself shut down or the network to it failed (not merely one
+    session ended): the other pooled connections are suspect too."""
+    code = sqlstate(exc)
+    return code is not None and (code.startswith("08") or code in {"57P01", "57P02", "57P03"})
 
 
 class Database:
@@ -146,9 +162,13 @@ class Database:
         engine: AsyncEngine,
         connect_directly: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
         replica: Replica | None = None,
+        statement_timeout_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.replica = replica
+        # OBSERVATORY_STATEMENT_TIMEOUT_S, which every pooled session starts
+        # with (server.db.create_engine); a call with a nearer deadline gets less.
+        self.statement_timeout_s = statement_timeout_s
         self._connect_directly = connect_directly
         self._probe: asyncpg.Connection | None = None
 
@@ -171,18 +191,38 @@ class Database:
         committing on its own (no BEGIN/COMMIT round trips), on the primary."""
         return self._unit(Mode.AUTOCOMMIT)
 
+    def driver_read(self) -> Any:
+        """`async with db.driver_read() as uow`: a `read()` unit for work done
+        on `uow.driver` alone (server.coalesce's batches). Its connection comes
+        from the pool without a SQLAlchemy Connection around it, which halves
+        the cost of the checkout; `uow.conn` is never started and raises if
+        used."""
+        return self._unit(Mode.READ, driver_only=True)
+
     @asynccontextmanager
-    async def _unit(self, mode: Mode) -> AsyncIterator[UnitOfWork]:
-        conn, driver, on_replica = await self._open(mode)
+    async def _unit(self, mode: Mode, *, driver_only: bool = False) -> AsyncIterator[UnitOfWork]:
+        conn, driver, on_replica = await self._open(mode, driver_only)
         try:
+            timeout = self._statement_timeout(driver)
             if mode is Mode.READ or mode is Mode.AUTOCOMMIT:
-                yield UnitOfWork(conn, driver, mode, on_replica)
+                unit = UnitOfWork(conn, driver, mode, on_replica)
+                if timeout is not None:
+                    await unit.use_settings({"statement_timeout": timeout})
+                yield unit
             else:
                 transaction = driver.transaction(
                     isolation="repeatable_read" if mode is Mode.SNAPSHOT else "read_committed",
                     readonly=mode is Mode.SNAPSHOT,
                 )
                 await transaction.start()
+                if (
+                    timeout is not None
+                    and timeout != _session_settings[driver]["statement_timeout"]
+                ):
+                    # For this transaction only (SET LOCAL): nothing to remember.
+                    await driver.execute(
+                        "SELECT set_config('statement_timeout', $1, true)", timeout
+                    )
                 try:
                     yield UnitOfWork(conn, driver, mode, on_replica)
                 except BaseException as exc:
@@ -207,15 +247,30 @@ class Database:
                     if on_replica:
                         assert self.replica is not None
                         await self.replica.failed(exc)
-                    else:
-                        # As SQLAlchemy does on a disconnect: the other pooled
+                    elif _database_went_away(exc):
+                        # The server restarted or went away: the other pooled
                         # connections date from before it, so none is reused.
+                        # (One session ended, e.g. by a timeout, costs only
+                        # itself; closed connections are skipped at checkout.)
                         await self.engine.dispose(close=False)
             raise
         finally:
             await conn.close()
 
-    async def _open(self, mode: Mode) -> tuple[AsyncConnection, asyncpg.Connection, bool]:
+    def _statement_timeout(self, driver: asyncpg.Connection) -> str | None:
+        """The statement_timeout this unit's statements must run under: the
+        ceiling, or less when the call's deadline is nearer (rounded to a short
+        ladder, so a steady client's units rarely change it)."""
+        if self.statement_timeout_s is None:
+            return None
+        ceiling = f"{max(1, int(self.statement_timeout_s * 1000))}ms"  # as create_engine sets it
+        # A fresh session starts with the ceiling: nothing to send for it.
+        _session_settings.setdefault(driver, {}).setdefault("statement_timeout", ceiling)
+        return f"{deadlines.statement_timeout_ms(self.statement_timeout_s)}ms"
+
+    async def _open(
+        self, mode: Mode, driver_only: bool = False
+    ) -> tuple[AsyncConnection, asyncpg.Connection, bool]:
         """The unit's connection: the replica's when the unit only reads, the
         replica is usable and (for a caller that sent x-observatory-min-lsn) has
         replayed far enough; otherwise the primary's."""
@@ -223,12 +278,12 @@ class Database:
             call = replicas.current_call()
             min_lsn = None if call is None else call.min_lsn
             if self.replica is not None and self.replica.usable:
-                opened = await _open_on_replica(self.replica, min_lsn)
+                opened = await _open_on_replica(self.replica, min_lsn, driver_only)
                 if opened is not None:
                     self.replica.reads_served += 1
                     return (*opened, True)
                 self.replica.reads_diverted += 1
-        return (*await _checkout(self.engine), False)
+        return (*await _checkout(self.engine, driver_only), False)
 
     @property
     def pool(self) -> Pool:
@@ -267,13 +322,45 @@ class Database:
         await self.engine.dispose()
 
 
-async def _checkout(engine: AsyncEngine) -> tuple[AsyncConnection, asyncpg.Connection]:
+class _PooledDriver(AsyncConnection):
+    """A pooled connection checked out without a SQLAlchemy Connection around
+    it (`Database.driver_read()`). It is never started, so using it through
+    SQLAlchemy raises; `invalidate()` and `close()` act on the pooled
+    connection."""
+
+    def __init__(self, engine: AsyncEngine, pooled: PoolProxiedConnection) -> None:
+        super().__init__(engine)
+        self._pooled: PoolProxiedConnection | None = pooled
+
+    async def get_raw_connection(self) -> PoolProxiedConnection:
+        assert self._pooled is not None, "the connection was given back"
+        return self._pooled
+
+    async def invalidate(self, exception: BaseException | None = None) -> None:
+        pooled, self._pooled = self._pooled, None
+        if pooled is not None:
+            await greenlet_spawn(pooled.invalidate, exception)  # also checks it in
+
+    async def close(self) -> None:
+        pooled, self._pooled = self._pooled, None
+        if pooled is not None:
+            await greenlet_spawn(pooled.close)
+
+
+async def _checkout(
+    engine: AsyncEngine, driver_only: bool = False
+) -> tuple[AsyncConnection, asyncpg.Connection]:
     """A pooled connection in autocommit mode (the unit, not SQLAlchemy, owns
-    any transaction) and its driver connection. Pooled connections the server
+    any transaction) and its driver connection; with `driver_only`, taken
+    from the pool directly (see _PooledDriver). Pooled connections the server
     has already closed (it restarted, or ended their sessions) are dropped on
     the way, which costs no round trip and spares the caller an error."""
     for _ in range(_MAX_CLOSED_SKIPPED):
-        conn = await engine.connect()
+        conn: AsyncConnection
+        if driver_only:
+            conn = _PooledDriver(engine, await engine.raw_connection())
+        else:
+            conn = await engine.connect()
         try:
             raw = await conn.get_raw_connection()
             driver = raw.driver_connection
@@ -293,14 +380,14 @@ _MAX_CLOSED_SKIPPED = 256
 
 
 async def _open_on_replica(
-    replica: Replica, min_lsn: int | None
+    replica: Replica, min_lsn: int | None, driver_only: bool = False
 ) -> tuple[AsyncConnection, asyncpg.Connection] | None:
     """A replica connection for a read unit, or None when the unit should go to
     the primary: the replica could not be reached (it is then marked down), or
     it has not yet replayed `min_lsn`. Asks the replica only when its last known
     replay position is short of `min_lsn`."""
     try:
-        conn, driver = await _checkout(replica.engine)
+        conn, driver = await _checkout(replica.engine, driver_only)
     except Exception as exc:
         await replica.failed(exc)
         return None

@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 from observatory.v1 import admin_pb2, admin_pb2_grpc
 
-from server import pagination
+from server import errors, pagination, validate
 from server.admin.service import AdminService
 from server.auth import principal
 from server.protoconv import optional_uuid, timestamp_field
@@ -27,8 +27,11 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListAuditLogResponse:
         caller = principal()
         user_id = optional_uuid(request.user_id, "user_id")
+        validate.text(request.action, "action", max_bytes=validate.MAX_NAME_BYTES)
         after = timestamp_field(request, "after")
         before = timestamp_field(request, "before")
+        if after is not None and before is not None and after >= before:
+            raise errors.InvalidArgument("before", "must be later than after")
         size = pagination.page_size(request.page_size)
         async with self._db.read() as uow:
             return await self._service.list_audit_log(

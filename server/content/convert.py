@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from google.protobuf import struct_pb2
 from observatory.v1 import content_pb2
 
-from server import errors
+from server import errors, validate
 from server.protoconv import (
     dict_to_struct,
     optional_uuid,
@@ -59,18 +59,32 @@ INSERT_COLUMNS = (
     "content_hash",
     "url_normalized",
 )
-MAX_TEXT = 1_000_000
-# Fields in B-tree or GIN indexes, in UTF-8 bytes. PostgreSQL refuses an index
-# entry above about 2,700 bytes, and the natural key holds platform and
-# platform_id together.
-MAX_KEY_BYTES = 2000
+# Limits of each text field (documented in docs/limits.md): characters, and
+# UTF-8 bytes for what B-tree or GIN indexes hold (PostgreSQL refuses an index
+# entry above about 2,700 bytes; the natural key holds platform and platform_id
+# together). Free text is bounded only by characters.
+MAX_TEXT = validate.MAX_TEXT_CHARS
+MAX_KEY_BYTES = validate.MAX_KEY_BYTES
+MAX_SHORT_CHARS = 10_000
 MAX_INDEXED_BYTES = {
-    "platform": 255,
-    "arena": 255,
-    "language": 255,
+    "platform": validate.MAX_NAME_BYTES,
+    "arena": validate.MAX_NAME_BYTES,
+    "language": validate.MAX_NAME_BYTES,
+    "content_type": validate.MAX_NAME_BYTES,
     "platform_id": MAX_KEY_BYTES,
     "collection_run_id": MAX_KEY_BYTES,
+    "author_platform_id": MAX_KEY_BYTES,
+    "url": MAX_KEY_BYTES,
 }
+MAX_CHARS = {"author_display_name": MAX_SHORT_CHARS}
+# search_terms_matched: at most this many terms, each at most MAX_KEY_BYTES.
+MAX_TERMS = 1000
+# raw_metadata: at most MAX_METADATA_BYTES as the Struct's protobuf encoding
+# (about its size as JSON), and objects and arrays nested at most
+# MAX_METADATA_DEPTH deep. (The protobuf decoder itself refuses a message that
+# nests a Struct deeper than about 31 levels, as a whole.)
+MAX_METADATA_BYTES = 1024 * 1024
+MAX_METADATA_DEPTH = 20
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -93,15 +107,9 @@ def content_hash(title: str | None, text_content: str | None) -> str | None:
 def _check_text(field: str, value: str, max_bytes: int | None = None) -> str | None:
     """`value`, or None when empty; refused if PostgreSQL could not store it
     (NUL) or index it (over `max_bytes` of UTF-8)."""
-    if not value:
-        return None
-    if "\x00" in value:
-        raise errors.InvalidArgument(field, "must not contain NUL characters")
-    if len(value) > MAX_TEXT:
-        raise errors.InvalidArgument(field, f"is longer than {MAX_TEXT} characters")
-    if max_bytes is not None and len(value.encode()) > max_bytes:
-        raise errors.InvalidArgument(field, f"is longer than {max_bytes} bytes (UTF-8)")
-    return value
+    return validate.optional_text(
+        value, field, max_chars=MAX_CHARS.get(field, MAX_TEXT), max_bytes=max_bytes
+    )
 
 
 def _check_url(url: str) -> None:
@@ -128,8 +136,10 @@ def writable_values(
             values[name] = _check_text(name, getattr(message, name), MAX_INDEXED_BYTES.get(name))
     if values.get("language") and not _LANGUAGE.fullmatch(values["language"]):
         raise errors.InvalidArgument("language", "must be a BCP 47 tag such as 'en' or 'pt-BR'")
-    if values.get("url"):
-        _check_url(values["url"])
+    if "url" in fields:
+        if values["url"]:
+            _check_url(values["url"])
+        values["url_normalized"] = normalized_url(values["url"])
     for name in TIME_FIELDS:
         if name in fields:
             values[name] = timestamp_field(message, name)
@@ -142,21 +152,40 @@ def writable_values(
     if "author_id" in fields:
         values["author_id"] = optional_uuid(message.author_id, "author_id")
     if "search_terms_matched" in fields:
-        terms = list(message.search_terms_matched)
-        for i, term in enumerate(terms):
-            _check_text(f"search_terms_matched[{i}]", term, MAX_KEY_BYTES)
-        values["search_terms_matched"] = terms
+        terms = message.search_terms_matched
+        validate.texts(terms, "search_terms_matched", max_items=MAX_TERMS, max_bytes=MAX_KEY_BYTES)
+        values["search_terms_matched"] = list(terms)
     if "raw_metadata" in fields:
         values["raw_metadata"] = metadata_value(message.raw_metadata)
     return values
 
 
 def metadata_value(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """raw_metadata as a dict that JSONB can hold: finite numbers, no NUL."""
+    """raw_metadata as a dict that JSONB can hold: finite numbers, no NUL;
+    within MAX_METADATA_BYTES and MAX_METADATA_DEPTH."""
+    if struct.ByteSize() > MAX_METADATA_BYTES:
+        raise errors.InvalidArgument(
+            "raw_metadata", f"is larger than {MAX_METADATA_BYTES} bytes (encoded)"
+        )
     try:
-        return struct_to_dict(struct)
+        value = struct_to_dict(struct)
     except ValueError as error:
         raise errors.InvalidArgument("raw_metadata", str(error)) from None
+    if _nesting(value) > MAX_METADATA_DEPTH:
+        raise errors.InvalidArgument(
+            "raw_metadata", f"nests objects and arrays more than {MAX_METADATA_DEPTH} deep"
+        )
+    return value
+
+
+def _nesting(value: dict[str, Any] | list[Any]) -> int:
+    """How deep objects and arrays nest in `value` (1: no object or array inside)."""
+    inner = [
+        item
+        for item in (value.values() if isinstance(value, dict) else value)
+        if isinstance(item, dict | list)
+    ]
+    return 1 + max(map(_nesting, inner), default=0)
 
 
 def check_complete(values: Mapping[str, Any]) -> None:
@@ -174,8 +203,20 @@ def new_content_values(message: content_pb2.Content, owner_id: uuid.UUID) -> dic
     check_complete(values)
     values["owner_id"] = owner_id
     values["content_hash"] = content_hash(values["title"], values["text_content"])
-    values["url_normalized"] = normalize_url(values["url"])
     return values
+
+
+def normalized_url(url: str | None) -> str | None:
+    """The URL's duplicate-finding key (server.urls), which a B-tree indexes:
+    refused when it would not fit there."""
+    normalized = normalize_url(url)
+    if (
+        normalized is not None
+        and len(normalized) > MAX_KEY_BYTES // 4
+        and len(normalized.encode()) > MAX_KEY_BYTES
+    ):
+        raise errors.InvalidArgument("url", f"is longer than {MAX_KEY_BYTES} bytes once normalised")
+    return normalized
 
 
 def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...]:

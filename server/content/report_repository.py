@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.types import TypeEngine
 
 from server.content.repository import ContentQuery, filter_conditions
-from server.content.tables import content
+from server.content.tables import content, finite_time
 from server.uow import UnitOfWork
 
 # Every Content field an export can hold (all of them), in the message's order,
@@ -47,6 +47,9 @@ TIME_FIELDS = _fields_of_type(DateTime)
 COUNT_FIELDS = _fields_of_type(BigInteger)
 LIST_FIELDS = _fields_of_type(ARRAY)
 JSON_FIELDS = _fields_of_type(JSONB)
+# The timestamps a client writes (the others the database sets): only these can
+# hold the ends of the range, stored as ±infinity (see tables.finite_time).
+CLIENT_TIME_FIELDS = frozenset({"published_at", "collected_at"})
 _DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
@@ -65,6 +68,8 @@ def _text_value(field: str) -> ColumnElement[Any]:
         return cast(func.array_to_json(column), Text)
     if field in JSON_FIELDS:
         return cast(column, Text)
+    if field in CLIENT_TIME_FIELDS:
+        return finite_time(column)
     return column
 
 
@@ -83,7 +88,9 @@ def _json_value(field: str) -> ColumnElement[Any]:
     elif isinstance(kind, ARRAY):
         value = cast(func.array_to_json(column), Text)
     else:
-        value = cast(func.to_json(column), Text)
+        value = cast(
+            func.to_json(finite_time(column) if field in CLIENT_TIME_FIELDS else column), Text
+        )
     return func.coalesce(value, literal("null"))
 
 
@@ -109,6 +116,13 @@ class ExportReader:
 
     def __init__(self, uow: UnitOfWork) -> None:
         self._driver = uow.driver
+
+    async def lift_statement_timeout(self) -> None:
+        """No statement_timeout for the rest of the export's transaction: its
+        COPY lasts as long as the client keeps reading (the export's idle
+        bound and the client's deadline end one that stalls), and the setting
+        goes back to the session's when the transaction ends."""
+        await self._driver.execute("SELECT set_config('statement_timeout', '0', true)")
 
     async def count(self, q: ContentQuery) -> int:
         sql, args = compile_for_driver(count_select(q))
@@ -227,7 +241,8 @@ class StatsRepository:
 
     async def volume(self, q: ContentQuery, granularity: str) -> list[Any]:
         """(period_start, arena or '', count) per period and arena, oldest first."""
-        period = func.date_trunc(granularity, content.c.published_at, "UTC").label("period")
+        published = finite_time(content.c.published_at)
+        period = func.date_trunc(granularity, published, "UTC").label("period")
         arena = func.coalesce(content.c.arena, "").label("arena")
         query = (
             select(period, arena, func.count())

@@ -9,7 +9,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -67,6 +67,12 @@ _IN_SCOPE = or_(_OWNER_SCOPE.is_(None), content.c.owner_id == _OWNER_SCOPE)
 _BY_IDS = PreparedStatement(
     select(*COLUMNS).where(content.c.id == any_(bindparam("ids", type_=_UUIDS)))
 )
+_OWNED_IDS = PreparedStatement(
+    select(content.c.id).where(
+        content.c.id == any_(bindparam("ids", type_=_UUIDS)),
+        content.c.owner_id == bindparam("owner_id", type_=UUID(as_uuid=True)),
+    )
+)
 _GET = select(*COLUMNS).where(content.c.id == _param("id"), _IN_SCOPE)
 _GET_IN_SCOPE = PreparedStatement(_GET)
 _GET_FOR_UPDATE = PreparedStatement(_GET.with_for_update())
@@ -74,6 +80,17 @@ _GET_FOR_UPDATE = PreparedStatement(_GET.with_for_update())
 _LOCK_ACTORS = PreparedStatement(
     select(actors.c.id)
     .where(actors.c.id == any_(bindparam("ids", type_=_UUIDS)))
+    .order_by(actors.c.id)
+    .with_for_update(read=True, key_share=True)
+)
+# The same, only for actors of one owner: a row's given author_id must name one
+# of its owner's actors.
+_LOCK_OWN_ACTORS = PreparedStatement(
+    select(actors.c.id)
+    .where(
+        actors.c.id == any_(bindparam("ids", type_=_UUIDS)),
+        actors.c.owner_id == bindparam("owner_id", type_=UUID(as_uuid=True)),
+    )
     .order_by(actors.c.id)
     .with_for_update(read=True, key_share=True)
 )
@@ -201,6 +218,18 @@ _LOCK_STAGED_AUTHORS = (
 )
 LOCK_ROUNDS = 5
 
+_OWNER_HAS_PRESENCES = "SELECT EXISTS (SELECT 1 FROM actor_presences WHERE owner_id = $1)"
+# The actors of the accounts ($2 platforms, $3 platform_user_ids) of owner $1.
+_ACCOUNT_AUTHORS = (
+    "SELECT p.platform, p.platform_user_id, p.actor_id FROM actor_presences p "
+    "JOIN unnest($2::text[], $3::text[]) AS k(platform, account) "
+    "ON p.platform = k.platform AND p.platform_user_id = k.account WHERE p.owner_id = $1"
+)
+_LOCK_ACCOUNT_AUTHORS = (
+    "SELECT id FROM actors WHERE id IN "
+    f"(SELECT actor_id FROM ({_ACCOUNT_AUTHORS}) a) ORDER BY id FOR KEY SHARE"
+)
+
 ActorIds = Callable[[], Awaitable[Iterable[uuid.UUID]]]
 
 
@@ -285,6 +314,12 @@ class ContentRepository:
         """The rows with these IDs, whoever owns them (the caller checks)."""
         return await _BY_IDS.fetch(self._driver, ids=list(ids))
 
+    async def owned_ids(self, ids: Sequence[uuid.UUID], owner_id: uuid.UUID) -> set[uuid.UUID]:
+        """Those of `ids` that are content rows of `owner_id` (deleted or not):
+        for other domains that refer to content (a vector item's content_id)."""
+        rows = await _OWNED_IDS.fetch(self._driver, ids=list(ids), owner_id=owner_id)
+        return {row["id"] for row in rows}
+
     async def get(
         self, content_id: uuid.UUID, owner_id: uuid.UUID | None, *, for_update: bool = False
     ) -> asyncpg.Record | None:
@@ -321,6 +356,14 @@ class ContentRepository:
         """Takes FOR KEY SHARE on those of the actors `ids` that exist, in ID
         order (as merges lock them); returns their IDs."""
         return [row["id"] for row in await _LOCK_ACTORS.fetch(self._driver, ids=list(ids))]
+
+    async def lock_own_actors(
+        self, ids: Sequence[uuid.UUID], owner_id: uuid.UUID
+    ) -> list[uuid.UUID]:
+        """Like `lock_actors`, but only the actors of `owner_id`: those of `ids`
+        that are not (another owner's, or none at all) are left out."""
+        rows = await _LOCK_OWN_ACTORS.fetch(self._driver, ids=list(ids), owner_id=owner_id)
+        return [row["id"] for row in rows]
 
     async def update(
         self, content_id: uuid.UUID, values: Mapping[str, Any], entry: Mapping[str, Any]
@@ -390,15 +433,45 @@ class ContentRepository:
         query = query.order_by(ranked.c.rank.desc(), ranked.c.id.desc()).limit(limit)
         return list((await self._conn.execute(query)).mappings())
 
-    async def ensure_partitions(self, first_month: date, months: int) -> int:
-        result = await self._conn.execute(
-            select(func.content_ensure_partitions(first_month, months))
-        )
-        return int(result.scalar_one())
-
     # -- bulk ingest -------------------------------------------------------------
-    # A stream is COPYed batch by batch into STAGING_TABLE and moved into content
-    # from there with one INSERT per batch (see server.content.ingest).
+    # Each batch of a stream is COPYed straight into content when it can be (see
+    # server.content.ingest); a batch the database refuses is COPYed into
+    # STAGING_TABLE and moved into content from there, skipping natural-key
+    # duplicates and isolating refused rows.
+
+    async def owner_has_presences(self, owner_id: uuid.UUID) -> bool:
+        """Whether any account of `owner_id` belongs to an actor (only then can
+        an ingested row be linked to its author's actor)."""
+        found: bool = await self._driver.fetchval(_OWNER_HAS_PRESENCES, owner_id)
+        return found
+
+    async def link_authors(
+        self, owner_id: uuid.UUID, platforms: Sequence[str], accounts: Sequence[str]
+    ) -> dict[tuple[str, str], uuid.UUID]:
+        """The actor of each (platform, platform_user_id) account given that has
+        one, holding FOR KEY SHARE on those actors until commit (see
+        `_hold_linked_actors`)."""
+        driver = self._driver
+        found: dict[tuple[str, str], uuid.UUID] = {}
+        args = (owner_id, list(platforms), list(accounts))
+
+        async def locked() -> Iterable[uuid.UUID]:
+            return [row["id"] for row in await driver.fetch(_LOCK_ACCOUNT_AUTHORS, *args)]
+
+        async def linked() -> Iterable[uuid.UUID]:
+            found.clear()
+            for row in await driver.fetch(_ACCOUNT_AUTHORS, *args):
+                found[(row["platform"], row["platform_user_id"])] = row["actor_id"]
+            return found.values()
+
+        await _hold_linked_actors(locked, linked)
+        return found
+
+    async def copy_in(self, records: Sequence[tuple[Any, ...]]) -> None:
+        """COPYs `records` (INSERT_COLUMNS order) straight into content, in
+        binary. The database refuses the whole COPY for any row it refuses,
+        a natural-key duplicate included."""
+        await self._driver.copy_records_to_table("content", records=records, columns=INSERT_COLUMNS)
 
     async def create_staging(self) -> None:
         """A session-private COPY target, dropped when the transaction ends. Each

@@ -5,19 +5,18 @@ is opened."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import asyncpg
 from observatory.v1 import content_pb2
 
-from server import audit, errors, idempotency, pagination
+from server import audit, errors, idempotency, pagination, validate
 from server.auth import Principal
 from server.coalesce import PointReads
 from server.content import convert
-from server.content.ingest import Ingest
 from server.content.repository import (
     CREATE_METHOD,
     LOCK_ROUNDS,
@@ -27,7 +26,6 @@ from server.content.repository import (
 from server.content.tables import CONTENT_NATURAL_KEY
 from server.protoconv import mask_fields, optional_uuid, parse_uuid, timestamp_field
 from server.uow import Database, UnitOfWork
-from server.urls import normalize_url
 
 
 def owner_scope(caller: Principal) -> uuid.UUID | None:
@@ -35,26 +33,23 @@ def owner_scope(caller: Principal) -> uuid.UUID | None:
     return None if caller.is_admin else caller.user_id
 
 
-def _filter_texts(filter: content_pb2.ContentFilter, name: str) -> tuple[str, ...]:
-    values = tuple(getattr(filter, name))
-    for i, value in enumerate(values):
-        _check_filter_text(value, f"filter.{name}[{i}]")
-    return values
-
-
-def _check_filter_text(value: str, field: str) -> None:
-    # PostgreSQL text cannot hold NUL; caught here so the error names the field.
-    if "\x00" in value:
-        raise errors.InvalidArgument(field, "must not contain NUL characters")
+def _filter_texts(filter: content_pb2.ContentFilter, name: str, max_bytes: int) -> tuple[str, ...]:
+    return validate.texts(getattr(filter, name), f"filter.{name}", max_bytes=max_bytes)
 
 
 def content_query(caller: Principal, filter: content_pb2.ContentFilter) -> ContentQuery:
-    """Validates a ContentFilter (field paths relative to the request)."""
-    for name in ("collection_run_id", "search_term", "query"):
-        _check_filter_text(getattr(filter, name), f"filter.{name}")
-    author_ids = [
-        parse_uuid(value, f"filter.author_ids[{i}]") for i, value in enumerate(filter.author_ids)
-    ]
+    """Validates a ContentFilter (field paths relative to the request). Its
+    lists hold at most validate.MAX_FILTER_VALUES values (author_ids:
+    validate.MAX_IDS), its texts what the stored fields may hold."""
+    name_bytes = validate.MAX_NAME_BYTES
+    collection_run_id = validate.text(
+        filter.collection_run_id, "filter.collection_run_id", max_bytes=convert.MAX_KEY_BYTES
+    )
+    search_term = validate.text(
+        filter.search_term, "filter.search_term", max_bytes=convert.MAX_KEY_BYTES
+    )
+    query = validate.text(filter.query, "filter.query", max_chars=validate.MAX_QUERY_CHARS)
+    author_ids = validate.uuids(filter.author_ids, "filter.author_ids")
     after = timestamp_field(filter, "published_after", "filter.published_after")
     before = timestamp_field(filter, "published_before", "filter.published_before")
     if after is not None and before is not None and after >= before:
@@ -63,15 +58,15 @@ def content_query(caller: Principal, filter: content_pb2.ContentFilter) -> Conte
         )
     return ContentQuery(
         owner_id=owner_scope(caller),
-        platforms=_filter_texts(filter, "platforms"),
-        arenas=_filter_texts(filter, "arenas"),
-        languages=_filter_texts(filter, "languages"),
+        platforms=_filter_texts(filter, "platforms", name_bytes),
+        arenas=_filter_texts(filter, "arenas", name_bytes),
+        languages=_filter_texts(filter, "languages", name_bytes),
         published_after=after,
         published_before=before,
         author_ids=tuple(author_ids),
-        collection_run_id=filter.collection_run_id or None,
-        search_term=filter.search_term or None,
-        query=filter.query.strip() or None,
+        collection_run_id=collection_run_id or None,
+        search_term=search_term or None,
+        query=query.strip() or None,
         show_deleted=filter.show_deleted,
     )
 
@@ -150,6 +145,24 @@ def search_request(caller: Principal, request: content_pb2.SearchContentRequest)
     return PageRequest(query, size, token_query, after)
 
 
+# A page ends early once its rows hold this many characters of title and text,
+# so that it fits the 4 MiB a gRPC client receives by default (unless its rows
+# are mostly characters of three or four bytes); the next page goes on from
+# there. A single row is always served.
+PAGE_TEXT_CHARS = 2_000_000
+
+
+def _page_rows(rows: Sequence[Any], size: int) -> int:
+    """How many of `rows` (fetched with a limit of `size` + 1) a page holds: up
+    to `size`, fewer when their text passes PAGE_TEXT_CHARS (never none)."""
+    total = 0
+    for i, row in enumerate(rows[:size]):
+        total += len(row["title"] or "") + len(row["text_content"] or "")
+        if total > PAGE_TEXT_CHARS and i:
+            return i
+    return min(len(rows), size)
+
+
 async def _rows_by_id(uow: UnitOfWork, ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     return await ContentRepository(uow).by_ids(ids)
 
@@ -157,6 +170,20 @@ async def _rows_by_id(uow: UnitOfWork, ids: Sequence[uuid.UUID]) -> list[asyncpg
 def _row_id(row: asyncpg.Record) -> uuid.UUID:
     content_id: uuid.UUID = row["id"]
     return content_id
+
+
+async def _own_author(
+    repo: ContentRepository, values: dict[str, Any], owner_id: uuid.UUID
+) -> list[uuid.UUID]:
+    """The given author_id, locked (FOR KEY SHARE, as a merge would wait for),
+    when it names an actor of the row's owner; NOT_FOUND otherwise (another
+    owner's actor looks the same as none)."""
+    author_id = values.get("author_id")
+    if author_id is None:
+        return []
+    if not await repo.lock_own_actors([author_id], owner_id):
+        raise errors.NotFound(f"actor {author_id} (content.author_id) not found")
+    return [author_id]
 
 
 class ContentService:
@@ -169,7 +196,7 @@ class ContentService:
     ) -> content_pb2.Content:
         repo = ContentRepository(uow)
         entry = audit.entry_params(caller, "content.create")
-        locked: list[uuid.UUID] = []
+        locked = await _own_author(repo, new.values, new.values["owner_id"])
         for _ in range(LOCK_ROUNDS):
             row = await repo.create(
                 new.values,
@@ -217,11 +244,12 @@ class ContentService:
             after=page.after,
             limit=page.size + 1,
         )
+        size = _page_rows(rows, page.size)
         response = content_pb2.ListContentResponse()
-        for row in rows[: page.size]:
+        for row in rows[:size]:
             convert.to_proto(row, response.contents.add())
         response.next_page_token = pagination.next_page_token(
-            rows, page.size, page.token_query, lambda row: (row["published_at"], row["id"])
+            rows[: size + 1], size, page.token_query, lambda row: (row["published_at"], row["id"])
         )
         return response
 
@@ -233,6 +261,8 @@ class ContentService:
         current = await repo.get(content_id, owner_scope(caller), for_update=True)
         if current is None:
             raise errors.NotFound(f"content {content_id} not found")
+        if "author_id" in fields:
+            await _own_author(repo, changes, current["owner_id"])
         merged = {**current, **changes}
         try:
             convert.check_complete(merged)
@@ -240,8 +270,6 @@ class ContentService:
             raise _prefixed(error, "content") from None
         if {"title", "text_content"} & fields:
             changes["content_hash"] = convert.content_hash(merged["title"], merged["text_content"])
-        if "url" in fields:
-            changes["url_normalized"] = normalize_url(merged["url"])
         if fields & set(CONTENT_NATURAL_KEY) and await repo.natural_key_taken(merged, content_id):
             raise errors.AlreadyExists(
                 "content with this platform, platform_id and published_at already exists"
@@ -270,25 +298,12 @@ class ContentService:
             after=page.after,
             limit=page.size + 1,
         )
+        size = _page_rows(rows, page.size)
         response = content_pb2.SearchContentResponse()
-        for row in rows[: page.size]:
+        for row in rows[:size]:
             result = response.results.add(rank=row["rank"], snippet=row["snippet"] or "")
             convert.to_proto(row, result.content)
         response.next_page_token = pagination.next_page_token(
-            rows, page.size, page.token_query, lambda row: (row["rank"], row["id"])
+            rows[: size + 1], size, page.token_query, lambda row: (row["rank"], row["id"])
         )
         return response
-
-    async def ingest(
-        self,
-        uow: UnitOfWork,
-        caller: Principal,
-        first: content_pb2.IngestContentRequest,
-        rest: AsyncIterator[content_pb2.IngestContentRequest],
-    ) -> content_pb2.IngestContentResponse:
-        return await Ingest(uow, caller).run(first, rest)
-
-    async def prepare_partitions(self, uow: UnitOfWork, months_ahead: int) -> int:
-        """Makes sure monthly partitions exist from this month to `months_ahead` on."""
-        today = datetime.now(UTC).date().replace(day=1)
-        return await ContentRepository(uow).ensure_partitions(today, months_ahead + 1)

@@ -2,9 +2,10 @@
 
 The workbook is written as it goes, never held whole: PostgreSQL formats each
 value (`xlsx_select`: timestamps as Excel serial numbers, text cut to Excel's
-32,767 characters per cell) and sends it by COPY in CSV; `XlsxStream` turns
-each complete CSV record into one `<row>` of inline-string, number and date
-cells and writes it through the standard library's `zipfile` into a ZIP
+32,767 characters per cell) and sends it by COPY in CSV; `XlsxStream` escapes
+each piece for XML at once, turns each complete CSV record into one `<row>`
+of inline-string, number and date cells (one str.format of a template per
+row) and writes it through the standard library's `zipfile` into a ZIP
 stream with no seeking (each member ends with a data descriptor), so the file's
 bytes leave while later rows are still being read: memory stays flat and
 nothing touches the disk. (XlsxWriter's constant_memory mode keeps memory flat
@@ -12,10 +13,10 @@ too, but stages every sheet uncompressed on disk, twice, and sends nothing
 before the last row; it also writes about 6,000 rows/s here.)
 
 Cells: numbers as numbers; timestamps as Excel dates (1900 date system, UTC,
-shown as yyyy-mm-dd hh:mm:ss; one before 1900-03-01, which Excel cannot show
-as a date, is ISO 8601 text); everything else, lists and raw_metadata as JSON
-included, as text. A missing value and an empty string are both an empty
-cell. Characters XML cannot hold are written as Excel writes them (`_xHHHH_`,
+shown as yyyy-mm-dd hh:mm:ss; one before 1900-03-01 or in the last half
+second of 9999, which Excel cannot show as a date, is ISO 8601 text); everything else, lists and raw_metadata as JSON
+included, as text, its leading and trailing white space kept. A missing
+value and an empty string are both an empty cell. Characters XML cannot hold are written as Excel writes them (`_xHHHH_`,
 and a literal `_xHHHH_` in the text as `_x005F_xHHHH_`). Each sheet holds
 `sheet_rows` rows, its header row included; the rows after that continue on
 the next sheet (`content`, `content_2`, `content_3`, ...). A sheet also ends
@@ -44,12 +45,13 @@ from sqlalchemy import (
     cast,
     extract,
     func,
+    or_,
     select,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 
 from server.content.repository import ContentQuery, filter_conditions
-from server.content.tables import content
+from server.content.tables import content, finite_time
 
 # Excel's limits: rows per sheet and characters per cell.
 SHEET_ROWS = 1_048_576
@@ -63,10 +65,17 @@ COMPRESS_LEVEL = 1
 # 1900-03-01, the first day Excel's 1900 date system numbers correctly; the
 # serial number of 1970-01-01.
 FIRST_DATE = datetime(1900, 3, 1, tzinfo=UTC)
+# From here on a time would show (to the second) as 10000-01-01, past Excel's
+# last date: such times are text too.
+LAST_DATE = datetime(9999, 12, 31, 23, 59, 59, 500000, tzinfo=UTC)
 _UNIX_EPOCH_SERIAL = 25569
 
 _NUMBER, _TIME, _TEXT = 0, 1, 2
 _STYLE_TIME, _STYLE_HEADER = 1, 2
+# Row templates kept at most (a few KB each; most exports need a handful).
+MAX_TEMPLATES = 512
+# A cell of a row's shape: empty, as its column's kind, or text.
+_AS_TEXT = 2
 
 _MAIN_NS = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
 _REL_NS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
@@ -119,7 +128,14 @@ _SHEET_END = "</sheetData></worksheet>"
 # is escaped as Excel does. Then the characters XML 1.0 cannot hold, and CR
 # (which XML readers turn into LF).
 _LITERAL_ESCAPE = re.compile(r"_(?=x[0-9A-Fa-f]{4}_)")
-_NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0d\x0e-\x1f\ufffe\uffff]")
+# (NUL is left alone: PostgreSQL text never holds it, and it joins a row's
+# values while they are escaped.)
+_NOT_IN_XML = re.compile("[\x01-\x08\x0b\x0c\x0d\x0e-\x1f\ufffe\uffff]")
+
+
+# Text keeps its leading and trailing spaces, tabs and line ends (which XML
+# readers may otherwise drop) in every cell: cheaper than looking for them.
+_TEXT_OPEN = '<t xml:space="preserve">'
 
 
 def _escape_text(text: str) -> str:
@@ -156,9 +172,11 @@ def _value(field: str) -> ColumnElement[Any]:
     if kind == _NUMBER:
         return column
     if kind == _TIME:
-        serial = cast(extract("epoch", column) / 86400 + _UNIX_EPOCH_SERIAL, Float(53))
-        iso = func.to_char(func.timezone("UTC", column), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
-        return case((column < FIRST_DATE, iso), else_=cast(serial, Text))
+        instant = finite_time(column)  # the ends of the range, stored as ±infinity
+        serial = cast(extract("epoch", instant) / 86400 + _UNIX_EPOCH_SERIAL, Float(53))
+        iso = func.to_char(func.timezone("UTC", instant), 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')
+        outside = or_(instant < FIRST_DATE, instant >= LAST_DATE)
+        return case((outside, iso), else_=cast(serial, Text))
     if isinstance(column.type, ARRAY):
         text: ColumnElement[Any] = cast(func.array_to_json(column), Text)
     elif isinstance(column.type, JSONB):
@@ -214,6 +232,16 @@ class XlsxStream:
             raise ValueError("a sheet holds the header row and at least one row")
         self._fields = tuple(fields)
         self._letters = tuple(column_letters(i) for i in range(len(self._fields)))
+        # Row templates by the shape of the row (see _row_xml).
+        self._templates: dict[tuple[int, ...], str] = {}
+        # The time columns: a time before 1900-03-01 comes as ISO 8601 text.
+        self._time_columns = frozenset(
+            i for i, field in enumerate(self._fields) if _kind(field) == _TIME
+        )
+        times = sorted(self._time_columns)
+        self._times: Callable[[list[str]], Any] | None = None
+        if times:
+            self._times = lambda values: [values[i] for i in times]
         # Each column's kind and the start of its cells, up to the row number.
         self._columns = tuple(
             (_kind(field), f'<c r="{letter}')
@@ -258,7 +286,7 @@ class XlsxStream:
         if rest:
             self._write_records(rest)
         if self._sheet is None:
-            self._open_sheet()
+            self._next_sheet()
         self._close_sheet()
         names = [self.sheet_name(i) for i in range(1, self._sheets + 1)]
         sheets = "".join(
@@ -288,7 +316,9 @@ class XlsxStream:
     def sheet_name(number: int) -> str:
         return SHEET_NAME if number == 1 else f"{SHEET_NAME}_{number}"
 
-    def _open_sheet(self) -> None:
+    def _next_sheet(self) -> None:
+        if self._sheet is not None:
+            self._close_sheet()
         self._sheets += 1
         self._sheet = self._zip.open(f"xl/worksheets/sheet{self._sheets}.xml", "w")
         self._sheet_bytes = 0
@@ -309,13 +339,16 @@ class XlsxStream:
         rows = 0
         parts: list[str] = []
         size = 0
-        for values in csv.reader(io.StringIO(_escape_text(text), newline="")):
+        # Parsed first, escaped after: an escaped value can outgrow the csv
+        # module's field limit (128 Ki characters), a value from
+        # PostgreSQL cannot (MAX_CELL_CHARS). A row's values are escaped at
+        # once, joined by NUL (which PostgreSQL text never holds).
+        for raw in csv.reader(io.StringIO(text, newline="")):
+            values = _escape_text("\x00".join(raw)).split("\x00")
             if self._sheet is None or self._row >= self._sheet_rows:
                 self._flush(parts)
                 parts, size = [], 0
-                if self._sheet is not None:
-                    self._close_sheet()
-                self._open_sheet()
+                self._next_sheet()
             self._row += 1
             row = self._row_xml(self._row, values)
             # Each character is at most 3 bytes of UTF-8 (XML holds no surrogates).
@@ -323,8 +356,7 @@ class XlsxStream:
                 self._flush(parts)
                 parts, size = [], 0
                 if self._sheet_bytes + 3 * len(row) + len(_SHEET_END) > self._max_sheet_bytes:
-                    self._close_sheet()
-                    self._open_sheet()
+                    self._next_sheet()
                     self._row += 1
                     row = self._row_xml(self._row, values)
             parts.append(row)
@@ -337,26 +369,35 @@ class XlsxStream:
         if parts:
             self._put("".join(parts))
 
-    def _row_xml(self, number: int, values: Sequence[str]) -> str:
-        """One `<row>`: `values` are already escaped for XML; empty ones are
-        left out."""
-        n = str(number)
-        cells = [f'<row r="{n}">']
-        for (kind, ref), value in zip(self._columns, values, strict=True):
-            if not value:
+    def _row_xml(self, number: int, values: list[str]) -> str:
+        """One `<row>` of `values` (already escaped for XML), by one
+        str.format of the template for its pattern of cells (empty ones left
+        out, a time before 1900 as text), made once per pattern."""
+        shape: tuple[int, ...] = tuple(map(bool, values))
+        if self._times is not None and "-" in "".join(self._times(values)):
+            shape = tuple(
+                _AS_TEXT if i in self._time_columns and "-" in value else here
+                for i, (value, here) in enumerate(zip(values, shape, strict=True))
+            )
+        template = self._templates.get(shape)
+        if template is None:
+            if len(self._templates) >= MAX_TEMPLATES:
+                self._templates.clear()  # memory stays bounded whatever the rows
+            template = self._templates[shape] = self._template(shape)
+        return template.format(number, *values)
+
+    def _template(self, shape: tuple[int, ...]) -> str:
+        cells = ['<row r="{0}">']
+        for i, ((kind, ref), cell) in enumerate(zip(self._columns, shape, strict=True)):
+            value = f"{{{i + 1}}}"
+            if not cell:
                 continue
-            if kind == _NUMBER:
-                cells.append(f'{ref}{n}"><v>{value}</v></c>')
-            elif kind == _TIME and "-" not in value:
-                cells.append(f'{ref}{n}" s="{_STYLE_TIME}"><v>{value}</v></c>')
-            # XML whitespace (tab, LF, space: the other characters up to the
-            # space are escaped by now) at either end is kept only when asked.
-            elif value[0] <= " " or value[-1] <= " ":
-                cells.append(
-                    f'{ref}{n}" t="inlineStr"><is><t xml:space="preserve">{value}</t></is></c>'
-                )
+            if cell == _AS_TEXT or kind == _TEXT:
+                cells.append(f'{ref}{{0}}" t="inlineStr"><is>{_TEXT_OPEN}{value}</t></is></c>')
+            elif kind == _NUMBER:
+                cells.append(f'{ref}{{0}}"><v>{value}</v></c>')
             else:
-                cells.append(f'{ref}{n}" t="inlineStr"><is><t>{value}</t></is></c>')
+                cells.append(f'{ref}{{0}}" s="{_STYLE_TIME}"><v>{value}</v></c>')
         cells.append("</row>")
         return "".join(cells)
 

@@ -121,7 +121,7 @@ async def test_ingest_links_rows_to_the_actor_of_their_authors_account(
 ):
     actor = await create_actor(actor_stub, alice)
     await add_presence(actor_stub, alice, actor.id, "twitter", "author-1")
-    other_author = str(uuid.uuid4())
+    other_author = (await create_actor(actor_stub, alice, "Another author")).id
     rows = [
         make_content(platform="twitter", author_platform_id="author-1", title="linked"),
         make_content(platform="reddit", author_platform_id="author-1", title="other platform"),

@@ -45,10 +45,13 @@ class TestMergeActors:
             alice,
             {("twitter", "c1"): 1, ("reddit", "o1"): 3, ("facebook", "t1"): 2, ("x", "?"): 1},
         )
-        # Bob's content naming Alice's actor is Bob's business: left alone.
-        bobs = make_content(author_id=one.id)
-        await content_stub.CreateContent(
-            content_pb2.CreateContentRequest(content=bobs), metadata=bob.metadata
+        # Bob's content naming Alice's actor (a row from before author_id was
+        # checked against the owner's actors) is Bob's business: left alone.
+        bobs = await content_stub.CreateContent(
+            content_pb2.CreateContentRequest(content=make_content()), metadata=bob.metadata
+        )
+        await db.execute(
+            "UPDATE content SET author_id = $1 WHERE id = $2", uuid.UUID(one.id), uuid.UUID(bobs.id)
         )
         before = await content_by_author(db, alice)
 

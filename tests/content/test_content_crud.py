@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from observatory.v1 import content_pb2
 
+from tests.actors.helpers import create_actor
 from tests.helpers import expect_rpc_error, make_content, timestamp
 
 pytestmark = pytest.mark.asyncio
@@ -48,8 +49,10 @@ def update_request(content, *paths):
 
 
 class TestCreateContent:
-    async def test_returns_the_stored_item_with_every_writable_field(self, content_stub, alice):
-        author_id = str(uuid.uuid4())
+    async def test_returns_the_stored_item_with_every_writable_field(
+        self, content_stub, actor_stub, alice
+    ):
+        author_id = (await create_actor(actor_stub, alice)).id
         content = make_content(
             published_at=PUBLISHED,
             platform="reddit",

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from observatory.v1 import content_pb2
 
+from tests.actors.helpers import create_actor
 from tests.helpers import expect_rpc_error, make_content, timestamp
 
 pytestmark = pytest.mark.asyncio
@@ -241,11 +242,13 @@ class TestListContentFilter:
         assert len(error.fields) == 1
         assert error.fields[0] in {"filter.published_after", "filter.published_before"}
 
-    async def test_author_ids_match_any_listed_author(self, content_stub, alice):
-        author_a, author_b = str(uuid.uuid4()), str(uuid.uuid4())
+    async def test_author_ids_match_any_listed_author(self, content_stub, actor_stub, alice):
+        author_a, author_b, author_c = [
+            (await create_actor(actor_stub, alice, name)).id for name in "abc"
+        ]
         by_a = await create(content_stub, alice, author_id=author_a)
         by_b = await create(content_stub, alice, author_id=author_b)
-        await create(content_stub, alice, author_id=str(uuid.uuid4()))
+        await create(content_stub, alice, author_id=author_c)
         await create(content_stub, alice)
 
         ids = await list_ids(content_stub, alice, author_ids=[author_a, author_b])

@@ -1,7 +1,6 @@
 """GetContentStats on a small known set."""
 
 import asyncio
-import uuid
 from datetime import UTC, datetime
 
 import grpc
@@ -9,11 +8,13 @@ import pytest
 import pytest_asyncio
 from observatory.v1 import content_pb2
 
+from tests.actors.helpers import create_actor
 from tests.helpers import expect_rpc_error, make_content
 
 pytestmark = pytest.mark.asyncio
 
-ACTOR = str(uuid.uuid4())
+# Stands for alice's actor (author_id must name one of the owner's actors).
+ACTOR = "alice's actor"
 
 
 def at(day: int, month: int = 3) -> datetime:
@@ -32,8 +33,11 @@ ENGAGEMENT = sorted([1, 5, 0, 30, 100])
 
 
 @pytest_asyncio.fixture
-async def known_set(content_stub, alice, bob):
+async def known_set(content_stub, actor_stub, alice, bob):
+    """Alice's rows (and one of bob's); returns the ID of alice's actor."""
+    actor_id = (await create_actor(actor_stub, alice)).id
     for published, arena, likes, shares, comments, terms, author, account in ROWS:
+        author = actor_id if author == ACTOR else author
         counts = {
             name: value
             for name, value in (
@@ -61,6 +65,7 @@ async def known_set(content_stub, alice, bob):
         content_pb2.CreateContentRequest(content=make_content(published_at=at(2), likes_count=9)),
         metadata=bob.metadata,
     )
+    return actor_id
 
 
 async def stats(stub, caller, **request) -> content_pb2.GetContentStatsResponse:
@@ -116,7 +121,7 @@ async def test_engagement_median_p95_and_mean(content_stub, alice, known_set):
 async def test_top_actors_and_terms(content_stub, alice, known_set):
     response = await stats(content_stub, alice, top_n=5)
     actors = [(a.author_id, a.platform, a.author_platform_id, a.count) for a in response.top_actors]
-    assert actors == [(ACTOR, "", "", 2), ("", "twitter", "acc9", 2)]
+    assert actors == [(known_set, "", "", 2), ("", "twitter", "acc9", 2)]
     assert response.top_actors[1].author_display_name == "name of acc9"
     assert [(t.term, t.count) for t in response.top_terms] == [("climate", 3), ("energy", 2)]
     top_one = await stats(content_stub, alice, top_n=1)

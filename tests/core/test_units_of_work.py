@@ -144,3 +144,27 @@ async def test_ping_uses_a_connection_outside_the_pool(units):
     finally:
         for conn in held:
             await conn.close()
+
+
+async def test_driver_read_runs_on_a_pooled_driver_outside_any_transaction(units):
+    async with units.read() as uow:
+        pooled = uow.driver
+    async with units.driver_read() as uow:
+        assert uow.driver is pooled  # the same pool, without a SQLAlchemy Connection
+        assert not uow.driver.is_in_transaction()
+        assert await uow.driver.fetchval("SELECT 1") == 1
+        with pytest.raises(Exception, match="not been started"):
+            await uow.conn.execute(text("SELECT 1"))
+    assert units.pool.checkedout() == 0
+
+
+async def test_a_broken_driver_read_connection_is_discarded(units):
+    with pytest.raises(asyncpg.InterfaceError):
+        async with units.driver_read() as uow:
+            broken = uow.driver
+            broken.terminate()
+            await uow.driver.fetchval("SELECT 1")
+    assert units.pool.checkedout() == 0
+    async with units.driver_read() as uow:
+        assert uow.driver is not broken
+        assert await uow.driver.fetchval("SELECT 2") == 2
