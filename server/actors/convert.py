@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from google.protobuf import struct_pb2
 from observatory.v1 import actor_pb2
 
 from server import errors
@@ -20,6 +21,11 @@ MAX_PROFILE_URL_CHARS = 2048
 MAX_PLATFORM_BYTES = 255
 MAX_PLATFORM_USER_ID_BYTES = 1000
 MAX_USERNAME_BYTES = 500
+# Actor.metadata: at most MAX_METADATA_BYTES as the Struct's protobuf encoding
+# (checked before decoding), and keys, at any depth, of at most
+# MAX_METADATA_KEY_CHARS characters.
+MAX_METADATA_BYTES = 64 * 1024
+MAX_METADATA_KEY_CHARS = 255
 
 WRITABLE_FIELDS = frozenset(("canonical_name", "actor_type", "description", "metadata"))
 OUTPUT_ONLY_FIELDS = frozenset(
@@ -89,11 +95,35 @@ def actor_values(
             message.description, f"{prefix}.description", max_chars=MAX_DESCRIPTION_CHARS
         )
     if "metadata" in fields:
-        try:
-            values["metadata"] = struct_to_dict(message.metadata)
-        except ValueError as error:
-            raise errors.InvalidArgument(f"{prefix}.metadata", str(error)) from None
+        values["metadata"] = metadata_value(message.metadata, f"{prefix}.metadata")
     return values
+
+
+def metadata_value(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """Actor.metadata as a dict that JSONB can hold (finite numbers, no NUL),
+    within MAX_METADATA_BYTES and MAX_METADATA_KEY_CHARS."""
+    if struct.ByteSize() > MAX_METADATA_BYTES:
+        raise errors.InvalidArgument(field, f"is larger than {MAX_METADATA_BYTES} bytes (encoded)")
+    try:
+        value = struct_to_dict(struct)
+    except ValueError as error:
+        raise errors.InvalidArgument(field, str(error)) from None
+    _check_keys(value, field)
+    return value
+
+
+def _check_keys(value: Any, field: str) -> None:
+    """Refuses an object key, at any depth, longer than MAX_METADATA_KEY_CHARS."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if len(key) > MAX_METADATA_KEY_CHARS:
+                raise errors.InvalidArgument(
+                    field, f"has a key longer than {MAX_METADATA_KEY_CHARS} characters"
+                )
+            _check_keys(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            _check_keys(item, field)
 
 
 def presence_values(message: actor_pb2.Presence, prefix: str = "presence") -> dict[str, Any]:

@@ -36,6 +36,10 @@ from server.idempotency import IdempotencyRepository, claim_params
 from server.uow import Database, UnitOfWork
 
 CREATE_METHOD = "CreateActor"
+# A ListActors page ends early once its actors hold this many bytes encoded
+# (descriptions, metadata, aliases, presences), within the 4 MiB a gRPC
+# client receives by default; next_page_token goes on from there.
+PAGE_BYTES = 2_000_000
 _STRATEGIES = {
     1: actor_pb2.MATCH_STRATEGY_EXACT_NAME,
     2: actor_pb2.MATCH_STRATEGY_SHARED_USERNAME,
@@ -127,6 +131,22 @@ async def _current(repo: ActorRepository, actor_id: uuid.UUID) -> actor_pb2.Acto
     return convert.to_proto(row)
 
 
+def _fill_page(
+    response: actor_pb2.ListActorsResponse, rows: Sequence[Mapping[Any, Any]], size: int
+) -> int:
+    """Adds up to `size` of `rows` (fetched with a limit of `size` + 1) to the
+    page and says how many: fewer once their encoded actors pass PAGE_BYTES
+    (never none), so a page fits what a client receives by default."""
+    total = 0
+    for i, row in enumerate(rows[:size]):
+        actor = convert.to_proto(row, response.actors.add())
+        total += actor.ByteSize()
+        if total > PAGE_BYTES and i:
+            del response.actors[-1]
+            return i
+    return min(len(rows), size)
+
+
 class ActorService:
     def __init__(self, units: Database) -> None:
         self._by_id = PointReads(units, _by_ids, lambda row: row["id"])
@@ -157,7 +177,7 @@ class ActorService:
         )
         row = await self._by_account.get(key)
         if not _visible(caller, row):
-            raise errors.NotFound(f"no actor has that {platform} account")
+            raise errors.NotFound(f"no actor has that account on {errors.quote(platform)}")
         return convert.to_proto(row)  # type: ignore[arg-type]
 
     # -- reads -------------------------------------------------------------------
@@ -188,10 +208,9 @@ class ActorService:
         after = pagination.decode_token(page_token, token_query, str, uuid.UUID)
         rows = await ActorRepository(uow).find_page(query, after=after, limit=size + 1)
         response = actor_pb2.ListActorsResponse()
-        for row in rows[:size]:
-            convert.to_proto(row, response.actors.add())
+        served = _fill_page(response, rows, size)
         response.next_page_token = pagination.next_page_token(
-            rows, size, token_query, lambda row: (row["canonical_name"], row["id"])
+            rows[: served + 1], served, token_query, lambda row: (row["canonical_name"], row["id"])
         )
         return response
 
@@ -305,8 +324,8 @@ class ActorService:
         row = await repo.upsert_presence({**values, "owner_id": actor["owner_id"]})
         if row is None:
             raise errors.AlreadyExists(
-                f"the {values['platform']} account {values['platform_user_id']!r} "
-                "belongs to another actor"
+                f"the account {errors.quote(values['platform_user_id'])} on "
+                f"{errors.quote(values['platform'])} belongs to another actor"
             )
         await repo.touch(actor_id)
         await AuditRepository(uow.conn).record(

@@ -71,6 +71,37 @@ class TestCreateActor:
         assert error.code == INVALID
         assert error.fields == [field]
 
+    @pytest.mark.parametrize(
+        "metadata",
+        [
+            {"k" * 256: 1},
+            {"outer": {"k" * 256: 1}},
+            {"outer": [{"k" * 256: 1}]},
+            {"big": "v" * 70_000},
+            {f"k{i}": "v" * 1000 for i in range(70)},
+        ],
+        ids=["long-key", "long-nested-key", "long-key-in-list", "big-value", "many-values"],
+    )
+    async def test_metadata_beyond_its_limits_is_refused(self, actor_stub, alice, metadata):
+        actor = actor_pb2.Actor(canonical_name="n")
+        actor.metadata.update(metadata)
+        error = await expect_rpc_error(
+            actor_stub.CreateActor(
+                actor_pb2.CreateActorRequest(actor=actor), metadata=alice.metadata
+            )
+        )
+        assert error.code == INVALID
+        assert error.fields == ["actor.metadata"]
+        assert len(error.message) < 1000
+
+    async def test_metadata_at_its_limits_is_stored(self, actor_stub, alice):
+        actor = actor_pb2.Actor(canonical_name="n")
+        actor.metadata.update({"k" * 255: {"é" * 255: "v" * 60_000}})
+        created = await actor_stub.CreateActor(
+            actor_pb2.CreateActorRequest(actor=actor), metadata=alice.metadata
+        )
+        assert created.metadata == actor.metadata
+
     async def test_a_retried_request_id_creates_once(self, actor_stub, alice, db):
         request = actor_pb2.CreateActorRequest(
             actor=actor_pb2.Actor(canonical_name="Retried"), request_id=str(uuid.uuid4())
@@ -207,6 +238,25 @@ class TestListActors:
             actor_stub, alice, actor_types=[actor_pb2.ACTOR_TYPE_MEDIA], show_deleted=True
         )
         assert [a.id for a in page.actors] == [media.id]
+
+    async def test_a_page_ends_early_by_size_and_goes_on_from_there(self, actor_stub, alice):
+        # 30 actors of ~100,000 characters: about 3 MB, more than one page holds.
+        created = [
+            await create_actor(actor_stub, alice, f"actor {i:02}", description="d" * 99_000)
+            for i in range(30)
+        ]
+        first = await self.list(actor_stub, alice, page_size=1000)
+        assert 0 < len(first.actors) < len(created)
+        assert first.ByteSize() <= 2_100_000
+        assert first.next_page_token
+        seen = [a.id for a in first.actors]
+        token = first.next_page_token
+        while token:
+            page = await self.list(actor_stub, alice, page_size=1000, page_token=token)
+            assert page.actors
+            seen += [a.id for a in page.actors]
+            token = page.next_page_token
+        assert seen == [a.id for a in created]
 
     async def test_shows_only_the_callers_actors(self, actor_stub, alice, bob):
         await create_actor(actor_stub, alice, "Alice's")
@@ -436,6 +486,13 @@ class TestResolveActor:
         ]:
             error = await expect_rpc_error(self.resolve(actor_stub, caller, **fields))
             assert error.code == NOT_FOUND
+
+    async def test_not_found_quotes_little_of_the_platform(self, actor_stub, alice):
+        error = await expect_rpc_error(
+            self.resolve(actor_stub, alice, platform="p" * 255, username="nobody")
+        )
+        assert error.code == NOT_FOUND
+        assert "p" * 65 not in error.message
 
     async def test_needs_a_platform_and_an_account(self, actor_stub, alice):
         error = await expect_rpc_error(self.resolve(actor_stub, alice, platform_user_id="1"))

@@ -13,8 +13,11 @@ pytestmark = pytest.mark.asyncio
 
 # Statements other parts of the server may run meanwhile (health probes, the
 # expiry sweeper), asyncpg's own type introspection (once per connection) and
-# the unit's read-your-writes bookkeeping after a write (server.uow).
+# the unit's read-your-writes bookkeeping after a write (server.uow), and the
+# statement_timeout a pooled connection gets back after a call with a deadline
+# lowered it (uow.use_settings: only when it differs).
 BACKGROUND = (
+    "set_config($1, $2, false)",
     "SELECT 1",
     "credit_expire_lapsed",
     "'jit'",

@@ -627,7 +627,6 @@ ACTOR_CASES = [
         None,
         NOT_FOUND,
         "NOT_FOUND",
-        todo=True,  # the NOT_FOUND message quotes the whole platform
     ),
     Case(
         "FindCandidateMatches.actor_id",
