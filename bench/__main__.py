@@ -21,7 +21,9 @@ SUITES = {
     "actors": "bench.actors",
     "credits": "bench.credits",
     "vectors": "bench.vectors",
+    "points": "bench.points",
     "exports": "bench.exports",
+    "networks": "bench.networks",
 }
 
 

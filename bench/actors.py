@@ -37,12 +37,6 @@ from bench.env import (
     wait_serving,
 )
 from bench.report import Row, table, write_results
-from server.actors.repository import (
-    CANDIDATES,
-    THRESHOLD_SETTING,
-    AccountKey,
-    account_statement,
-)
 from server.auth import issue_token
 from server.settings import Settings
 
@@ -55,6 +49,102 @@ THRESHOLD = 0.4
 LIMIT = 20
 US = 1_000_000  # microseconds per second
 PLATFORMS = ("twitter", "facebook", "instagram", "tiktok", "youtube")
+
+# The SQL the service runs, written out here (the bench uses no code of the
+# service's): an actor with its aliases and presences ...
+_DETAILS = """
+SELECT actors.id, actors.owner_id, actors.canonical_name, actors.actor_type,
+       actors.description, actors.metadata, actors.create_time, actors.update_time,
+       actors.delete_time,
+       array(SELECT al.alias FROM actor_aliases al WHERE al.actor_id = actors.id
+              ORDER BY lower(al.alias), al.alias) AS aliases,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                 'id', p.id, 'actor_id', p.actor_id, 'platform', p.platform,
+                 'platform_user_id', p.platform_user_id, 'username', p.username,
+                 'profile_url', p.profile_url, 'verified', p.verified,
+                 'follower_count', p.follower_count)
+               ORDER BY p.platform, p.platform_user_id), '[]'::jsonb)
+          FROM actor_presences p WHERE p.actor_id = actors.id) AS presences"""
+# ... ResolveActor's, for one caller's account ($1 owner, $2 platform, $3
+# platform_user_id) ...
+RESOLVE_SQL = (
+    _DETAILS
+    + """
+  FROM actors
+ WHERE actors.id = (SELECT p.actor_id FROM actor_presences p
+                     WHERE p.platform = $2 AND p.owner_id = $1 AND p.platform_user_id = $3
+                     ORDER BY p.create_time DESC, p.id DESC LIMIT 1)"""
+)
+# ... and FindCandidateMatches' ($1 the actor, $2 its owner, $3 the limit), with
+# the trigram threshold a session setting of the connection.
+THRESHOLD_SETTING = "pg_trgm.similarity_threshold"
+CANDIDATES_SQL = (
+    _DETAILS
+    + """, candidates.strategy, candidates.similarity, candidates.platforms
+  FROM (
+WITH target AS (
+  SELECT id, owner_id, lower(canonical_name) AS name FROM actors
+   WHERE id = $1 AND (CAST($2 AS uuid) IS NULL OR owner_id = CAST($2 AS uuid))
+),
+names AS (
+  SELECT name FROM target
+  UNION
+  SELECT lower(al.alias) FROM target t JOIN actor_aliases al ON al.actor_id = t.id
+),
+handles AS (
+  SELECT DISTINCT lower(p.username) AS username
+    FROM target t JOIN actor_presences p ON p.actor_id = t.id
+   WHERE p.username IS NOT NULL
+),
+matches AS (
+  SELECT a.id AS actor_id, 1 AS strategy, 1.0::real AS similarity
+    FROM target t JOIN actors a ON a.owner_id = t.owner_id
+   WHERE lower(a.canonical_name) IN (SELECT name FROM names)
+  UNION ALL
+  SELECT al.actor_id, 1, 1.0::real
+    FROM target t JOIN actor_aliases al ON al.owner_id = t.owner_id
+   WHERE lower(al.alias) IN (SELECT name FROM names)
+  UNION ALL
+  SELECT p.actor_id, 2, similarity(lower(a.canonical_name), t.name)
+    FROM target t
+    JOIN actor_presences p ON p.owner_id = t.owner_id
+    JOIN actors a ON a.id = p.actor_id
+   WHERE p.username IS NOT NULL AND lower(p.username) IN (SELECT username FROM handles)
+  UNION ALL
+  SELECT a.id, 3, similarity(lower(a.canonical_name), n.name)
+    FROM target t CROSS JOIN names n
+    JOIN actors a ON lower(a.canonical_name) % n.name
+   WHERE a.owner_id = t.owner_id
+  UNION ALL
+  SELECT al.actor_id, 3, similarity(lower(al.alias), n.name)
+    FROM target t CROSS JOIN names n
+    JOIN actor_aliases al ON lower(al.alias) % n.name
+   WHERE al.owner_id = t.owner_id
+),
+best AS (
+  SELECT DISTINCT ON (m.actor_id) m.actor_id, m.strategy, m.similarity
+    FROM matches m
+   WHERE m.actor_id <> $1
+   ORDER BY m.actor_id, m.strategy, m.similarity DESC
+)
+SELECT c.actor_id, c.strategy, c.similarity, c.platforms
+  FROM target
+  LEFT JOIN LATERAL (
+    SELECT b.actor_id, b.strategy, b.similarity,
+           ARRAY(
+             SELECT DISTINCT p.platform FROM actor_presences p
+              WHERE p.actor_id = b.actor_id
+                AND (b.strategy <> 2 OR lower(p.username) IN (SELECT username FROM handles))
+              ORDER BY 1
+           ) AS platforms
+      FROM best b
+     WHERE (SELECT a.delete_time IS NULL FROM actors a WHERE a.id = b.actor_id)
+     ORDER BY b.strategy, b.similarity DESC, b.actor_id
+     LIMIT $3
+  ) c ON true
+) AS candidates LEFT OUTER JOIN actors ON actors.id = candidates.actor_id
+ ORDER BY candidates.strategy, candidates.similarity DESC, candidates.actor_id"""
+)
 
 _FIRST = [
     "Anna",
@@ -426,7 +516,7 @@ class Bench:
             )
 
             async def call(target: uuid.UUID) -> int:
-                rows = await CANDIDATES.fetch(conn, actor_id=target, owner=self.owner, limit=LIMIT)
+                rows = await conn.fetch(CANDIDATES_SQL, target, self.owner, LIMIT)
                 # No candidates is one row of NULLs (the actor exists).
                 return sum(row["id"] is not None for row in rows)
 
@@ -447,8 +537,7 @@ class Bench:
             async with pool.acquire() as conn:
                 # The service's statement for a call on its own (busy, it
                 # answers many calls by one statement).
-                key = AccountKey(self.owner, platform, platform_user_id, None)
-                assert await account_statement(key).fetch(conn, **key._asdict())
+                assert await conn.fetch(RESOLVE_SQL, self.owner, platform, platform_user_id)
 
         try:
             return await load.closed_loop(

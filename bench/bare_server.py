@@ -1,14 +1,19 @@
-"""The framework's own ceiling: a bare grpc.aio ContentService with the
-service's server options and worker count, no interceptor and no database,
-whose GetContent and ListContent return constant messages.
+"""The framework's own ceiling: a bare grpc.aio server with the service's
+server options and worker count, no interceptor and no database, whose point
+reads and pages return constant messages.
 
     python -m bench.bare_server --listen 127.0.0.1:PORT --workers N \
-        --get get.bin --list list.bin
+        --get get.bin [--list list.bin] [--resolve-actor actor.bin] \
+        [--get-balance balance.bin] [--event-loop asyncio|uvloop]
 
-`get.bin` holds a serialized Content and `list.bin` a serialized
-ListContentResponse (the real service's answers to the benchmarked requests,
-so the responses have the same serialized size). It also serves
-grpc.health.v1 so the bench can wait for it the same way.
+Each file holds the real service's serialized answer to the benchmarked
+request (so the responses have the same serialized size): a Content for
+ContentService.GetContent, a ListContentResponse for ListContent, an Actor for
+ActorService.ResolveActor, a Balance for CreditService.GetBalance. A service
+whose answer is not given is not served. It also serves grpc.health.v1 so the
+bench can wait for it the same way. `--event-loop` runs the worker on uvloop
+or on asyncio's own loop (the default), as OBSERVATORY_EVENT_LOOP does for the
+service.
 """
 
 from __future__ import annotations
@@ -16,22 +21,33 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
-from observatory.v1 import content_pb2, content_pb2_grpc
+from observatory.v1 import (
+    actor_pb2,
+    actor_pb2_grpc,
+    content_pb2,
+    content_pb2_grpc,
+    credit_pb2,
+    credit_pb2_grpc,
+)
 
 from server.settings import Settings
 from server.workers import run_forked
 
 
 class ConstantContent(content_pb2_grpc.ContentServiceServicer):
-    def __init__(self, get: content_pb2.Content, listing: content_pb2.ListContentResponse) -> None:
+    def __init__(
+        self, get: content_pb2.Content, listing: content_pb2.ListContentResponse | None
+    ) -> None:
         self._get = get
-        self._list = listing
+        self._list = listing or content_pb2.ListContentResponse()
 
     async def GetContent(
         self, request: content_pb2.GetContentRequest, context: Any
@@ -44,17 +60,58 @@ class ConstantContent(content_pb2_grpc.ContentServiceServicer):
         return self._list
 
 
-async def serve(listen: str, workers: int, get: bytes, listing: bytes) -> None:
+class ConstantActor(actor_pb2_grpc.ActorServiceServicer):
+    def __init__(self, actor: actor_pb2.Actor) -> None:
+        self._actor = actor
+
+    async def ResolveActor(
+        self, request: actor_pb2.ResolveActorRequest, context: Any
+    ) -> actor_pb2.Actor:
+        return self._actor
+
+
+class ConstantBalance(credit_pb2_grpc.CreditServiceServicer):
+    def __init__(self, balance: credit_pb2.Balance) -> None:
+        self._balance = balance
+
+    async def GetBalance(
+        self, request: credit_pb2.GetBalanceRequest, context: Any
+    ) -> credit_pb2.Balance:
+        return self._balance
+
+
+@dataclass(frozen=True)
+class Answers:
+    """The serialized constant answers (None: that service is not served)."""
+
+    get: bytes | None = None
+    listing: bytes | None = None
+    actor: bytes | None = None
+    balance: bytes | None = None
+
+
+async def serve(listen: str, workers: int, answers: Answers) -> None:
     from server.app import server_options  # no gRPC server object before forking
 
     settings = Settings(OBSERVATORY_LISTEN=listen, OBSERVATORY_WORKERS=workers)
     server = grpc.aio.server(options=server_options(settings))
-    content_pb2_grpc.add_ContentServiceServicer_to_server(
-        ConstantContent(
-            content_pb2.Content.FromString(get), content_pb2.ListContentResponse.FromString(listing)
-        ),
-        server,
-    )
+    if answers.get is not None:
+        listing = answers.listing
+        content_pb2_grpc.add_ContentServiceServicer_to_server(
+            ConstantContent(
+                content_pb2.Content.FromString(answers.get),
+                None if listing is None else content_pb2.ListContentResponse.FromString(listing),
+            ),
+            server,
+        )
+    if answers.actor is not None:
+        actor_pb2_grpc.add_ActorServiceServicer_to_server(
+            ConstantActor(actor_pb2.Actor.FromString(answers.actor)), server
+        )
+    if answers.balance is not None:
+        credit_pb2_grpc.add_CreditServiceServicer_to_server(
+            ConstantBalance(credit_pb2.Balance.FromString(answers.balance)), server
+        )
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
     server.add_insecure_port(listen)
     await server.start()
@@ -66,22 +123,48 @@ async def serve(listen: str, workers: int, get: bytes, listing: bytes) -> None:
     await server.stop(0)
 
 
-def _worker(listen: str, workers: int, get: bytes, listing: bytes) -> None:
-    asyncio.run(serve(listen, workers, get, listing))
+def run_loop(event_loop: str, main: Coroutine[Any, Any, None]) -> None:
+    """`main` on uvloop or on asyncio's own loop, as the service runs its workers."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+        return
+    asyncio.run(main)
+
+
+def _worker(listen: str, workers: int, answers: Answers, event_loop: str) -> None:
+    run_loop(event_loop, serve(listen, workers, answers))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare_server")
     parser.add_argument("--listen", required=True)
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--get", type=Path, required=True)
-    parser.add_argument("--list", type=Path, required=True)
+    parser.add_argument("--get", type=Path, help="a serialized Content (GetContent's answer)")
+    parser.add_argument("--list", type=Path, help="a serialized ListContentResponse")
+    parser.add_argument("--resolve-actor", type=Path, help="a serialized Actor")
+    parser.add_argument("--get-balance", type=Path, help="a serialized Balance")
+    parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
-    get, listing = args.get.read_bytes(), args.list.read_bytes()
+
+    def read(path: Path | None) -> bytes | None:
+        return None if path is None else path.read_bytes()
+
+    answers = Answers(
+        get=read(args.get),
+        listing=read(args.list),
+        actor=read(args.resolve_actor),
+        balance=read(args.get_balance),
+    )
+    if args.list is not None and args.get is None:
+        parser.error("--list needs --get (both are ContentService's)")
+    worker_args = (args.listen, args.workers, answers, args.event_loop)
     if args.workers == 1:
-        _worker(args.listen, 1, get, listing)
+        _worker(*worker_args)
         return
-    run_forked(args.workers, _worker, (args.listen, args.workers, get, listing))
+    run_forked(args.workers, _worker, worker_args)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,19 @@
 """Synthetic content rows: as Content messages (for the gRPC client), as
-serialized IngestContentRequest batches, and as COPY records built by the
-service's own converter (so both ingest paths store exactly the same rows)."""
+serialized IngestContentRequest batches, and as COPY records of the columns
+the service stores for them (made here, by the contract's rules, so that the
+raw baselines use no code of the service's)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from google.protobuf import json_format
 from observatory.v1 import content_pb2
-
-from server.content import convert
 
 PLATFORMS = ("twitter", "reddit", "facebook", "rss", "youtube", "telegram")
 ARENAS = ("news", "politics", "science", "sport", "culture")
@@ -24,6 +26,44 @@ _TEXT = (
     "fans gathered outside the stadium before the match in the late afternoon sun"
 )
 WORDS = tuple(_TEXT.split(" "))
+
+# The text and count columns of content that a client writes.
+TEXT_COLUMNS = (
+    "platform",
+    "arena",
+    "platform_id",
+    "content_type",
+    "title",
+    "text_content",
+    "url",
+    "language",
+    "author_platform_id",
+    "author_display_name",
+    "collection_run_id",
+)
+COUNT_COLUMNS = ("views_count", "likes_count", "shares_count", "comments_count")
+# The columns an ingest writes, in the order of `copy_records`' records.
+INSERT_COLUMNS = (
+    "owner_id",
+    *TEXT_COLUMNS,
+    "published_at",
+    "collected_at",
+    "author_id",
+    *COUNT_COLUMNS,
+    "search_terms_matched",
+    "raw_metadata",
+    "content_hash",
+    "url_normalized",
+)
+# Every column a read returns (all but the derived full-text vector), in the
+# table's order, as SQL.
+SELECT_COLUMNS = (
+    "id, owner_id, platform, arena, platform_id, content_type, title, text_content, url, "
+    "language, published_at, collected_at, author_platform_id, author_display_name, "
+    "author_id, views_count, likes_count, shares_count, comments_count, "
+    "search_terms_matched, raw_metadata, collection_run_id, content_hash, duplicate_of, "
+    "url_normalized, create_time, update_time, delete_time"
+)
 
 
 def _sentence(rng: random.Random, words: int) -> str:
@@ -77,6 +117,39 @@ def ingest_batches(rows: list[content_pb2.Content], batch_rows: int) -> list[byt
     return batches
 
 
+def content_hash(text: str) -> str:
+    """The contract's content_hash of ASCII text: SHA-256 hex of the text
+    lower-cased with its whitespace collapsed (make_rows writes only ASCII)."""
+    return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+def normalized_url(url: str) -> str:
+    """The duplicate-finding key of a make_rows URL: the contract's rules come
+    down to dropping its utm_ query."""
+    return url.split("?", 1)[0]
+
+
 def copy_records(rows: list[content_pb2.Content], owner_id: uuid.UUID) -> list[tuple[Any, ...]]:
-    """The COPY records (convert.INSERT_COLUMNS order) the service would write."""
-    return [convert.ingest_record(row, owner_id) for row in rows]
+    """The COPY records (INSERT_COLUMNS order) of make_rows' rows: what the
+    service stores for them (raw_metadata as JSON text)."""
+    records = []
+    for row in rows:
+        records.append(
+            (
+                owner_id,
+                *(getattr(row, name) or None for name in TEXT_COLUMNS),
+                row.published_at.ToDatetime(tzinfo=UTC),
+                row.collected_at.ToDatetime(tzinfo=UTC),
+                None,
+                *(getattr(row, name) for name in COUNT_COLUMNS),
+                list(row.search_terms_matched),
+                json.dumps(
+                    json_format.MessageToDict(row.raw_metadata),
+                    separators=(",", ":"),
+                    ensure_ascii=False,
+                ),
+                content_hash(row.text_content or row.title),
+                normalized_url(row.url),
+            )
+        )
+    return records

@@ -47,8 +47,13 @@ async def _serve_worker(settings: Settings, database_url: str) -> None:
 def _run_loop(settings: Settings, main: Coroutine[Any, Any, None]) -> None:
     """Runs a worker's `main` on the event loop OBSERVATORY_EVENT_LOOP names."""
     if settings.event_loop == "uvloop":
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            main.close()
+            raise ConfigurationError(
+                "uvloop is not installed: install it, or set OBSERVATORY_EVENT_LOOP=asyncio"
+            ) from None
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(main)
         return

@@ -48,9 +48,9 @@ class Settings(BaseSettings):
     # PgBouncer in transaction mode cannot keep prepared statements.
     pgbouncer: bool = Field(False, alias="DATABASE_PGBOUNCER")
     workers: int = Field(default_factory=usable_cpus, alias="OBSERVATORY_WORKERS", ge=1)
-    # The event loop each worker runs: uvloop (libuv) or the standard library's
-    # (docs/benchmarks.md compares them).
-    event_loop: Literal["uvloop", "asyncio"] = Field("asyncio", alias="OBSERVATORY_EVENT_LOOP")
+    # The event loop each worker runs: uvloop (libuv; the faster one in
+    # bench/results/points.md) or the standard library's.
+    event_loop: Literal["uvloop", "asyncio"] = Field("uvloop", alias="OBSERVATORY_EVENT_LOOP")
     reflection: bool = Field(True, alias="OBSERVATORY_REFLECTION")
     health_interval: float = Field(1.0, alias="OBSERVATORY_HEALTH_INTERVAL", gt=0)
     shutdown_grace: float = Field(10.0, alias="OBSERVATORY_SHUTDOWN_GRACE", ge=0)

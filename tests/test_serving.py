@@ -151,3 +151,31 @@ async def test_embedded_database_starts_and_stops_with_the_server(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+async def test_workers_serve_on_the_event_loop_asked_for(database_url, event_loop):
+    port = _free_port()
+    process = _start(
+        port, DATABASE_URL=database_url, OBSERVATORY_WORKERS="1", OBSERVATORY_EVENT_LOOP=event_loop
+    )
+    caller = new_caller()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await _wait_serving(channel, process)
+            stub = content_pb2_grpc.ContentServiceStub(channel)
+            created = await stub.CreateContent(
+                content_pb2.CreateContentRequest(content=make_content()), metadata=caller.metadata
+            )
+            got = await stub.GetContent(
+                content_pb2.GetContentRequest(id=created.id), metadata=caller.metadata
+            )
+            assert got == created
+        # uvloop's extension module is loaded only when the worker runs on it.
+        mapped = await asyncio.to_thread(Path(f"/proc/{process.pid}/maps").read_text)
+        assert ("uvloop" in mapped) == (event_loop == "uvloop")
+        process.send_signal(signal.SIGTERM)
+        assert await _wait_exit(process) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()

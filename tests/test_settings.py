@@ -90,3 +90,13 @@ def test_settings_defaults_match_the_contract(monkeypatch):
 def test_workers_default_to_the_cpus_the_process_may_use(monkeypatch):
     monkeypatch.delenv("OBSERVATORY_WORKERS", raising=False)
     assert Settings().workers == len(os.sched_getaffinity(0))
+
+
+def test_the_event_loop_defaults_to_uvloop_and_takes_only_known_loops(monkeypatch):
+    monkeypatch.delenv("OBSERVATORY_EVENT_LOOP", raising=False)
+    assert Settings().event_loop == "uvloop"
+    monkeypatch.setenv("OBSERVATORY_EVENT_LOOP", "asyncio")
+    assert Settings().event_loop == "asyncio"
+    monkeypatch.setenv("OBSERVATORY_EVENT_LOOP", "trio")
+    with pytest.raises(ValueError, match="OBSERVATORY_EVENT_LOOP"):
+        Settings()

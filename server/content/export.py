@@ -3,21 +3,34 @@
 A producer task reads the rows in one snapshot unit (REPEATABLE READ READ
 ONLY) with `COPY (SELECT ...) TO STDOUT`, so PostgreSQL does the
 formatting: CSV as it is, NDJSON as one JSON text per row, and for Parquet and
-Arrow the same CSV, parsed into typed record batches by pyarrow in a worker
-thread. It puts ~1 MiB chunks on a small bounded queue; the RPC's stream takes
-them off. When the client reads slowly, the queue fills, the producer waits,
-and so does the COPY: memory stays flat. Cancelling the RPC cancels the
-producer, whose unit then discards its connection (ending the COPY on the
-server)."""
+Arrow the same CSV, parsed into typed record batches by pyarrow in a thread of
+the export's own. It puts ~1 MiB chunks on a small bounded queue; the RPC's
+stream takes them off. When the client reads slowly, the queue fills, the
+producer waits, and so does the COPY: memory stays flat. Cancelling the RPC
+cancels the producer, whose unit then discards its connection (ending the
+COPY on the server).
+
+A client that stops reading cannot hold the snapshot forever: once the
+producer has waited `idle_s` (OBSERVATORY_EXPORT_IDLE_S, 60 s by default)
+for room on the queue, the export ends. Its unit discards the connection at
+once, and the client, when it reads again, gets the data already on its way
+and then RESOURCE_EXHAUSTED, reason LIMIT_EXCEEDED, metadata `limit`
+OBSERVATORY_EXPORT_IDLE_S. (HTTP/2 delivers the status only after those
+bytes; a client that never reads again holds its stream, but no connection.)
+
+Memory is bounded by bytes whatever the rows: ExportChunk data of ~1 MiB
+(a larger row is cut across chunks), Arrow record batches of ~4 MiB of CSV
+(or one row, when a row is larger), Parquet row groups of ~16 MiB of CSV.
+A row of any size the contract accepts exports in every format, since
+PostgreSQL sends a COPY's rows whole and pyarrow is handed whole rows only."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import queue
-import threading
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
 import pyarrow as pa
@@ -45,9 +58,10 @@ CHUNK_BYTES = 1 << 20
 # Chunks waiting for the client: the most an export holds in memory besides
 # the batch being built.
 QUEUE_CHUNKS = 2
-# Rows per Parquet row group (at least), and bytes of CSV per Arrow batch.
-ARROW_BATCH_ROWS = 16_384
-CSV_BLOCK_BYTES = 1 << 20
+# Bytes of CSV (whole rows) parsed into one Arrow record batch, at least (or
+# one row, when a row is larger), and per Parquet row group.
+ARROW_BLOCK_BYTES = 4 << 20
+ROW_GROUP_BYTES = 16 << 20
 # The Parquet columns with few distinct values, which dictionary encoding
 # shrinks. On the others (IDs, text, URLs) it only costs time: pyarrow builds a
 # dictionary, finds it too large and falls back to plain encoding.
@@ -78,9 +92,13 @@ def export_fields(columns: Sequence[str], include_metadata: bool) -> tuple[str, 
         fields = []
         for i, name in enumerate(columns):
             if name not in EXPORT_FIELDS:
-                raise errors.InvalidArgument(f"columns[{i}]", f"{name!r} is not a field of Content")
+                raise errors.InvalidArgument(
+                    f"columns[{i}]", f"{errors.quote(name)} is not a field of Content"
+                )
             if name in fields:
-                raise errors.InvalidArgument(f"columns[{i}]", f"{name!r} is named twice")
+                raise errors.InvalidArgument(
+                    f"columns[{i}]", f"{errors.quote(name)} is named twice"
+                )
             fields.append(name)
     if include_metadata and "raw_metadata" not in fields:
         fields.append("raw_metadata")
@@ -110,17 +128,21 @@ class _Chunker:
     """Gathers the bytes and row counts of an export into ~CHUNK_BYTES chunks
     and queues them (waiting while the queue is full)."""
 
-    def __init__(self, queue: asyncio.Queue[Any]) -> None:
+    def __init__(self, queue: asyncio.Queue[Any], idle_s: float) -> None:
         self._queue = queue
+        self._idle_s = idle_s
         self._parts: list[bytes | bytearray] = []
         self._size = 0
         self._rows = 0
         self._sent = False
 
     async def add(self, data: bytes | bytearray, rows: int) -> None:
-        """Adds `data`, in which `rows` rows end. COPY's pieces are small and go
-        into chunks whole; a larger piece (a Parquet row group) is cut into
-        CHUNK_BYTES slices, its rows counted in the last one."""
+        """Adds `data`, in which `rows` rows end. A chunk never exceeds
+        CHUNK_BYTES: a piece that does not fit in the current chunk starts the
+        next one, and a piece larger than a chunk (a huge row, a Parquet row
+        group) is cut into CHUNK_BYTES slices, its rows counted in the last."""
+        if self._size and self._size + len(data) > CHUNK_BYTES:
+            await self._put()
         view = memoryview(data)
         while len(view) > CHUNK_BYTES:
             self._parts.append(bytes(view[:CHUNK_BYTES]))
@@ -141,8 +163,26 @@ class _Chunker:
 
     async def _put(self) -> None:
         data = b"".join(self._parts)
-        await self._queue.put((data, self._rows))
+        await _put_or_idle(self._queue, (data, self._rows), self._idle_s)
         self._parts, self._size, self._rows, self._sent = [], 0, 0, True
+
+
+class _ClientIdle(BaseException):
+    """The client has not read for longer than the idle bound. A BaseException,
+    as a cancellation is: the COPY it interrupts cannot be rolled back, so the
+    unit discards its connection rather than returning it to the pool."""
+
+
+async def _put_or_idle(queue: asyncio.Queue[Any], item: Any, idle_s: float) -> None:
+    """Queues `item`, waiting at most `idle_s` for room."""
+    if not queue.full():
+        queue.put_nowait(item)
+        return
+    try:
+        async with asyncio.timeout(idle_s):
+            await queue.put(item)
+    except TimeoutError:
+        raise _ClientIdle from None
 
 
 # Every byte but the quote and the newline, which are all _CsvRows looks at.
@@ -207,12 +247,22 @@ class Export:
     """One ExportContent call: `chunks()` streams it; `cancel()` stops it."""
 
     def __init__(
-        self, db: Database, query: ContentQuery, fields: tuple[str, ...], fmt: Format
+        self,
+        db: Database,
+        query: ContentQuery,
+        fields: tuple[str, ...],
+        fmt: Format,
+        *,
+        idle_s: float = 60.0,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
         self._db = db
         self._query = query
         self._fields = fields
         self._format = fmt
+        self._idle_s = idle_s
+        # The snapshot connections exports may hold at once (server.limits).
+        self._slots = slots or asyncio.Semaphore(1)
         self._task: asyncio.Task[None] | None = None
 
     def cancel(self) -> None:
@@ -245,15 +295,28 @@ class Export:
 
     async def _produce(self, queue: asyncio.Queue[Any]) -> None:
         try:
-            async with self._db.snapshot() as uow:
+            async with self._slots, self._db.snapshot() as uow:
                 await uow.use_settings(SESSION_SETTINGS)
                 reader = ExportReader(uow)
+                await reader.lift_statement_timeout()
                 await queue.put(await reader.count(self._query))
-                chunker = _Chunker(queue)
+                chunker = _Chunker(queue, self._idle_s)
                 await self._write(reader, chunker)
                 await chunker.finish()
         except asyncio.CancelledError:
             raise
+        except _ClientIdle:
+            # The connection is gone already; what waits on the queue is moot.
+            while not queue.empty():
+                queue.get_nowait()
+            queue.put_nowait(
+                errors.LimitExceeded(
+                    f"the export waited {self._idle_s:g} s for the client to read; it was "
+                    "ended and its snapshot released",
+                    limit="OBSERVATORY_EXPORT_IDLE_S",
+                    maximum=self._idle_s,
+                )
+            )
         except Exception as exc:
             await queue.put(exc)
         else:
@@ -280,215 +343,129 @@ class Export:
             await self._write_arrow(reader, chunker)
 
     async def _write_arrow(self, reader: ExportReader, chunker: _Chunker) -> None:
-        """PostgreSQL's CSV, parsed into typed Arrow batches by pyarrow's CSV
-        reader and written as Parquet or Arrow IPC, in a worker thread: the event
-        loop moves COPY's bytes in and the file's bytes out through two small
-        bounded queues, so neither side gets ahead of the other."""
-        job = _ArrowJob(self._fields, self._format)
-        # A thread of its own, not the loop's default executor: that one is
-        # small and also resolves host names for new database connections.
-        worker = threading.Thread(target=job.run, name="export-arrow", daemon=True)
-        worker.start()
-        copying = asyncio.create_task(
-            reader.copy_csv(csv_select(self._query, self._fields), job.feed, header=False)
-        )
-        copying.add_done_callback(lambda _: job.end_of_input())
+        """PostgreSQL's CSV, gathered into blocks of whole rows, each parsed into a
+        typed Arrow table by pyarrow and written as Parquet or Arrow IPC on a
+        thread of the export's own, while the COPY fills the next block. A
+        block is handed over only once the previous one's output is queued, so
+        neither side gets ahead of the other."""
+        converter = _ArrowConverter(self._fields, self._format)
+        # Not the loop's default executor: that one is small and also resolves
+        # host names for new database connections.
+        thread = ThreadPoolExecutor(1, thread_name_prefix="export-arrow")
+        loop = asyncio.get_running_loop()
+        block: list[bytes | bytearray] = []
+        size = 0
+        converting: asyncio.Future[list[tuple[bytes, int]]] | None = None
+
+        async def hand_over(data: bytes | None) -> None:
+            nonlocal converting
+            if converting is not None:
+                for output in await converting:
+                    await chunker.add(*output)
+            converting = loop.run_in_executor(thread, converter.convert, data)
+
+        async def sink(piece: bytes | bytearray) -> None:
+            # Each piece holds whole rows (PostgreSQL sends a COPY row by row).
+            nonlocal size
+            block.append(piece)
+            size += len(piece)
+            if size >= ARROW_BLOCK_BYTES:
+                data = b"".join(block)
+                block.clear()
+                size = 0
+                await hand_over(data)
+
         try:
-            while (item := await job.next_output()) is not None:
-                await chunker.add(*item)
-            await copying
+            await reader.copy_csv(csv_select(self._query, self._fields), sink, header=False)
+            if block:
+                await hand_over(b"".join(block))
+            await hand_over(None)
+            assert converting is not None
+            for output in await converting:
+                await chunker.add(*output)
         finally:
-            # The thread gives up within 0.1 s once stopped (it finished if the
-            # output ended).
-            job.stop()
-            if not copying.done():
-                copying.cancel()
-            await asyncio.gather(copying, return_exceptions=True)
+            # A conversion still running finishes on its own; its output is dropped.
+            thread.shutdown(wait=False, cancel_futures=True)
 
 
-_POLL_S = 0.002
-_PIPE_PIECES = 16
-
-
-class _ArrowJob:
-    """The thread side of an Arrow export: a blocking file for pyarrow's CSV
-    reader (fed by `feed` on the event loop) and an output queue of (bytes,
-    rows) read back by `next_output`. `stop` unblocks the thread for good."""
+class _ArrowConverter:
+    """The thread side of an Arrow export: CSV blocks in, Parquet or Arrow IPC
+    bytes out. Its methods run on the export's thread, one at a time."""
 
     def __init__(self, fields: tuple[str, ...], fmt: Format) -> None:
         self._fields = fields
-        self._format = fmt
-        self._input: queue.Queue[bytes | bytearray | None] = queue.Queue(_PIPE_PIECES)
-        self._output: queue.Queue[tuple[bytes, int] | Exception | None] = queue.Queue(2)
-        self._pending: bytes | bytearray = b""
-        self._ended = False
-        self._reading = threading.Lock()
-        self._stopped = threading.Event()
-        self._ending: asyncio.Task[None] | None = None
-        self.closed = False
-
-    # -- event loop side ------------------------------------------------------------
-
-    async def feed(self, data: bytes | bytearray | None) -> None:
-        """Queues a piece of COPY's output (None: the end), waiting while the
-        thread is behind."""
-        piece = data  # a new bytearray from asyncpg, or None
-        while not self._stopped.is_set():
-            try:
-                self._input.put_nowait(piece)
-                return
-            except queue.Full:
-                await asyncio.sleep(_POLL_S)
-
-    def end_of_input(self) -> None:
-        try:
-            self._input.put_nowait(None)
-        except queue.Full:
-            self._ending = asyncio.get_running_loop().create_task(self.feed(None))
-
-    async def next_output(self) -> tuple[bytes, int] | None:
-        while True:
-            try:
-                item = self._output.get_nowait()
-            except queue.Empty:
-                await asyncio.sleep(_POLL_S)
-                continue
-            if isinstance(item, Exception):
-                raise item
-            return item
-
-    def stop(self) -> None:
-        self._stopped.set()
-        with contextlib.suppress(queue.Full):
-            self._input.put_nowait(None)
-
-    # -- worker thread side -------------------------------------------------------------
-
-    def read(self, size: int = -1) -> bytes:
-        """Up to `size` bytes (at most CSV_BLOCK_BYTES: pyarrow may ask for
-        everything), fewer only at the end. pyarrow makes a batch of each read,
-        and COPY's pieces are small, so they are gathered into blocks."""
-        with self._reading:  # pyarrow reads from more than one thread
-            return self._read(CSV_BLOCK_BYTES if size < 0 else min(size, CSV_BLOCK_BYTES))
-
-    def _read(self, wanted: int) -> bytes:
-        parts: list[bytes | bytearray] = []
-        while wanted > 0:
-            if not self._pending:
-                piece = self._next_piece()
-                if piece is None:
-                    break
-                self._pending = piece
-            taken = self._pending[:wanted]
-            self._pending = self._pending[len(taken) :]
-            parts.append(taken)
-            wanted -= len(taken)
-        return b"".join(parts)
-
-    def _next_piece(self) -> bytes | bytearray | None:
-        if self._ended:
-            return None
-        while True:
-            try:
-                piece = self._input.get(timeout=0.1)
-            except queue.Empty:
-                if self._stopped.is_set():
-                    raise _Stopped from None
-                continue
-            if piece is None:
-                self._ended = True
-            return piece
-
-    def _emit(self, item: tuple[bytes, int] | Exception | None) -> None:
-        while True:
-            if self._stopped.is_set():
-                raise _Stopped
-            try:
-                self._output.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
-    def run(self) -> None:
-        try:
-            self._convert()
-        except _Stopped:
-            return
-        except Exception as exc:
-            self._emit(exc)
-            return
-        self._emit(None)
-
-    def _convert(self) -> None:
-        schema = arrow_schema(self._fields)
-        as_read = pa.schema(
-            [pa.field(f.name, pa.string()) if pa.types.is_list(f.type) else f for f in schema]
+        self._schema = arrow_schema(fields)
+        self._as_read = pa.schema(
+            [pa.field(f.name, pa.string()) if pa.types.is_list(f.type) else f for f in self._schema]
         )
-        # pyarrow refuses an empty CSV: with no rows the file holds the schema only.
-        self._pending = self._next_piece() or b""
-        csv = (
-            []
-            if not self._pending
-            else pyarrow.csv.open_csv(
-                pa.PythonFile(self, mode="r"),
-                read_options=pyarrow.csv.ReadOptions(
-                    column_names=list(self._fields), block_size=CSV_BLOCK_BYTES
-                ),
-                parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
-                convert_options=pyarrow.csv.ConvertOptions(
-                    column_types=as_read,
-                    strings_can_be_null=True,
-                    quoted_strings_can_be_null=False,
-                    timestamp_parsers=[pyarrow.csv.ISO8601],
-                ),
-            )
-        )
-        drain = _Drain()
-        sink = pa.PythonFile(drain, mode="w")
-        parquet = self._format == content_pb2.EXPORT_FORMAT_PARQUET
-        writer: Any = (
+        self._parquet = fmt == content_pb2.EXPORT_FORMAT_PARQUET
+        self._drain = _Drain()
+        sink = pa.PythonFile(self._drain, mode="w")
+        self._writer: Any = (
             pyarrow.parquet.ParquetWriter(
                 sink,
-                schema,
+                self._schema,
                 compression="snappy",
-                use_dictionary=[f for f in self._fields if f in DICTIONARY_FIELDS] or False,
+                use_dictionary=[f for f in fields if f in DICTIONARY_FIELDS] or False,
             )
-            if parquet
-            else pyarrow.ipc.new_stream(sink, schema)
+            if self._parquet
+            else pyarrow.ipc.new_stream(sink, self._schema)
         )
-        group: list[pa.RecordBatch] = []
-        grouped = 0
+        self._group: list[pa.Table] = []
+        self._grouped_bytes = 0
 
-        def flush() -> None:
-            nonlocal group, grouped
-            if group:
-                writer.write_table(pa.Table.from_batches(group, schema), row_group_size=grouped)
-                self._emit((drain.take(), grouped))
-            group, grouped = [], 0
+    def convert(self, data: bytes | None) -> list[tuple[bytes, int]]:
+        """The file's bytes that `data` (whole CSV rows) makes, with the rows
+        that end in them; None: the end of the rows, which closes the file."""
+        if data is None:
+            output = self._flush()
+            self._writer.close()
+            output.append((self._drain.take(), 0))
+            return output
+        table = self._parse(data)
+        if not self._parquet:
+            self._writer.write_table(table)
+            return [(self._drain.take(), table.num_rows)]
+        self._group.append(table)
+        self._grouped_bytes += len(data)
+        return self._flush() if self._grouped_bytes >= ROW_GROUP_BYTES else []
 
-        for batch in csv:
-            typed = pa.RecordBatch.from_arrays(
-                [
-                    _string_lists(column) if pa.types.is_list(field.type) else column
-                    for column, field in zip(batch.columns, schema, strict=True)
-                ],
-                schema=schema,
-            )
-            if not parquet:
-                writer.write_batch(typed)
-                self._emit((drain.take(), typed.num_rows))
-                continue
-            group.append(typed)
-            grouped += typed.num_rows
-            if grouped >= ARROW_BATCH_ROWS:
-                flush()
-        flush()
-        writer.close()
-        self._emit((drain.take(), 0))
+    def _flush(self) -> list[tuple[bytes, int]]:
+        """Writes the gathered tables as one Parquet row group."""
+        if not self._group:
+            return []
+        group = pa.concat_tables(self._group)
+        self._group, self._grouped_bytes = [], 0
+        self._writer.write_table(group, row_group_size=max(group.num_rows, 1))
+        return [(self._drain.take(), group.num_rows)]
 
-
-class _Stopped(Exception):
-    """The export ended on the event loop's side; the worker thread gives up."""
+    def _parse(self, data: bytes) -> pa.Table:
+        table = pyarrow.csv.read_csv(
+            pa.py_buffer(data),
+            read_options=pyarrow.csv.ReadOptions(
+                column_names=list(self._fields),
+                # The block in one piece (so no row straddles two), on this
+                # thread: pyarrow's own parallel parse costs more CPU in all
+                # than it saves here, where the database and the event loop keep
+                # the other cores busy.
+                block_size=len(data) + 1,
+                use_threads=False,
+            ),
+            parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
+            convert_options=pyarrow.csv.ConvertOptions(
+                column_types=self._as_read,
+                strings_can_be_null=True,
+                quoted_strings_can_be_null=False,
+                timestamp_parsers=[pyarrow.csv.ISO8601],
+            ),
+        )
+        return pa.Table.from_arrays(
+            [
+                _string_lists(column) if pa.types.is_list(field.type) else column
+                for column, field in zip(table.columns, self._schema, strict=True)
+            ],
+            schema=self._schema,
+        )
 
 
 _STRING_LIST = pa.list_(pa.string())

@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 from observatory.v1 import content_pb2
 
+from tests.actors.helpers import create_actor
 from tests.helpers import (
     expect_rpc_error,
     ingest_requests,
@@ -67,6 +68,15 @@ def huge_text() -> str:
     rnd = random.Random(7)
     alphabet = string.ascii_lowercase + string.digits
     return " ".join("".join(rnd.choices(alphabet, k=4)) for _ in range(170_000))
+
+
+def nested_metadata(depth: int) -> dict:
+    """An object in which objects and arrays nest `depth` deep, alternately."""
+    value: dict | list = {"leaf": 1}
+    for level in range(depth - 1):
+        value = [value] if level % 2 == 0 and level < depth - 2 else {"k": value}
+    assert isinstance(value, dict)
+    return value
 
 
 def missing_platform() -> content_pb2.Content:
@@ -151,6 +161,16 @@ BAD_ROWS = [
         lambda: make_content(search_terms_matched=["ok", secrets.token_urlsafe(3000)]),
         {"search_terms_matched[1]"},
         id="search-term-too-long",
+    ),
+    pytest.param(
+        lambda: make_content(raw_metadata=nested_metadata(21)),
+        {"raw_metadata"},
+        id="metadata-too-deep",
+    ),
+    pytest.param(
+        lambda: make_content(raw_metadata={"blob": "x" * (1024 * 1024)}),
+        {"raw_metadata"},
+        id="metadata-too-large",
     ),
 ]
 
@@ -275,6 +295,7 @@ class TestBadRows:
 
     async def test_values_at_the_size_limits_are_kept(self, content_stub, alice, db):
         row = make_content(
+            raw_metadata={"blob": "x" * (1024 * 1024 - 2000), "deep": nested_metadata(19)},
             platform="p" * 255,
             platform_id=secrets.token_urlsafe(1500),
             arena="a" * 255,
@@ -511,13 +532,14 @@ class TestPartitions:
         for caller, rows in zip(callers, streams, strict=True):
             assert await stored_platform_ids(db, caller) == with_ids(rows)
 
-    async def test_an_open_stream_does_not_hold_up_another_stream(
-        self, content_stub, alice, bob, db
+    async def test_a_stream_waiting_for_its_client_holds_no_connection(
+        self, content_stub, alice, bob, db, app
     ):
         release = asyncio.Event()
+        first = [make_content() for _ in range(BATCH_ROWS)]
 
         async def slow_stream():
-            yield content_pb2.IngestContentRequest(contents=[make_content()])
+            yield content_pb2.IngestContentRequest(contents=first)
             await release.wait()
             yield content_pb2.IngestContentRequest(contents=[make_content()])
 
@@ -525,7 +547,10 @@ class TestPartitions:
             content_stub.IngestContent(slow_stream(), metadata=alice.metadata)
         )
         try:
-            await wait_for_open_ingest(db)
+            # The first batch commits while the stream waits for the rest.
+            await wait_until(lambda: stored_count(db, alice), BATCH_ROWS)
+            await wait_until(lambda: checked_out(app), 0)
+            assert await idle_in_transaction(db) == 0
             response = await asyncio.wait_for(
                 ingest(
                     content_stub, bob, [make_content(published_at=datetime(2005, 2, 2, tzinfo=UTC))]
@@ -535,29 +560,38 @@ class TestPartitions:
             assert response.inserted == 1
         finally:
             release.set()
-        assert (await slow).inserted == 2
+        assert (await slow).inserted == BATCH_ROWS + 1
+
+
+async def checked_out(app) -> int:
+    return app.units.pool.checkedout()
+
+
+async def idle_in_transaction(db) -> int:
+    return await db.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = 'observatory' AND state = 'idle in transaction'"
+    )
+
+
+async def wait_until(read, expected, timeout: float = 20.0) -> None:
+    """Waits until `await read()` equals `expected`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while (value := await read()) != expected:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"still {value!r}, not {expected!r}, after {timeout} s")
+        await asyncio.sleep(0.02)
 
 
 def divmod_month(value: datetime) -> tuple[int, int]:
     return value.year, value.month
 
 
-async def wait_for_open_ingest(db) -> None:
-    """Waits until a session holds a lock on content while it waits for its client."""
-    for _ in range(200):
-        holders = await db.fetchval(
-            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-            "WHERE l.relation = 'content'::regclass AND a.state = 'idle in transaction'"
-        )
-        if holders:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError("the ingest stream did not start")
-
-
 class TestStoredRows:
-    async def test_ingested_rows_read_back_through_get_and_list(self, content_stub, alice):
-        author = str(uuid.uuid4())
+    async def test_ingested_rows_read_back_through_get_and_list(
+        self, content_stub, actor_stub, alice
+    ):
+        author = (await create_actor(actor_stub, alice)).id
         collected = NOW - timedelta(minutes=5)
         rows = [
             make_content(
@@ -663,7 +697,7 @@ class TestUndecodableRequests:
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
         assert await stored_count(db, alice) == 0
 
-    async def test_undecodable_later_stream_message_fails_the_whole_stream(
+    async def test_undecodable_later_stream_message_fails_the_stream_keeping_committed_batches(
         self, channel, content_stub, alice, db
     ):
         ingest_raw = channel.stream_unary(
@@ -684,7 +718,15 @@ class TestUndecodableRequests:
         )
 
         assert error.code == grpc.StatusCode.INVALID_ARGUMENT
-        assert await stored_count(db, alice) == 0
+        # A batch that committed before the bad message stays; the rest is gone.
+        stored = await stored_count(db, alice)
+        assert stored in (0, BATCH_ROWS)
+        inserted = await db.fetchval(
+            "SELECT coalesce(sum((detail->>'inserted')::int), 0) FROM audit_log "
+            "WHERE user_id = $1 AND action = 'content.ingest'",
+            alice.user_id,
+        )
+        assert inserted == stored
         # The connection the failed stream used is fit for the next one.
         for _ in range(3):
             response = await ingest(content_stub, alice, [make_content()])
