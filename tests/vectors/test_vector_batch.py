@@ -49,7 +49,9 @@ def _queries(sample: np.ndarray) -> list[np.ndarray]:
 
 
 def _key(hits):
-    return [(h.item.id, h.score, h.distance, h.item.SerializeToString(deterministic=True)) for h in hits]
+    return [
+        (h.item.id, h.score, h.distance, h.item.SerializeToString(deterministic=True)) for h in hits
+    ]
 
 
 async def test_each_batch_result_equals_searchsimilar(vector_stub, owner, collection, sample):
