@@ -21,6 +21,7 @@ import grpc
 from observatory.v1 import content_pb2, content_pb2_grpc
 
 from bench import data
+from bench.data import INSERT_COLUMNS, SELECT_COLUMNS
 from bench.env import (
     RESULTS_DIR,
     Child,
@@ -34,8 +35,6 @@ from bench.env import (
 )
 from bench.report import Row, table, write_results
 from server.auth import issue_token
-from server.content.convert import INSERT_COLUMNS
-from server.content.tables import content
 
 SUITE = "exports"
 DATABASE = f"observatory_bench_{SUITE}"
@@ -51,7 +50,7 @@ FORMATS = {
 TARGETS = {"CSV": 0.8, "NDJSON": 0.8, "Parquet": 0.6, "Arrow IPC": 0.6}
 RSS_GROWTH_TARGET_MB = 50.0
 # The raw baseline: every column the export holds, as PostgreSQL prints them.
-_COLUMNS = ", ".join(c.name for c in content.c if c.name not in ("search_vector", "url_normalized"))
+_COLUMNS = ", ".join(c for c in SELECT_COLUMNS.split(", ") if c != "url_normalized")
 RAW_SQL = f"SELECT {_COLUMNS} FROM content WHERE owner_id = $1 AND delete_time IS NULL"
 
 
@@ -136,7 +135,7 @@ class ExportBench:
         self.pg_version = "?"
 
     async def load(self, conn: asyncpg.Connection, upto: int) -> None:
-        """Raw COPY of generated rows (the service's own converter makes the
+        """Raw COPY of generated rows (bench/data.py makes them and their
         records) until the table holds `upto` of them."""
         now = datetime.now(UTC).replace(microsecond=0)
         while self.loaded < upto:
