@@ -1,10 +1,15 @@
-"""Coalesced point reads (the DataLoader pattern, across callers).
+"""Coalesced calls (the DataLoader pattern, across callers).
 
-While one query is in flight, the reads that arrive wait; when it returns,
-all of them are answered together by one `= ANY($1)` query. An idle server
-adds no latency: a read that finds nothing in flight runs at once, in its own
-task. Tenancy stays with the caller: the batch fetches rows by key only, and
+`Batches`: while one batch of a group is in flight, the work of that group
+that arrives waits; when the batch returns, everything that queued meanwhile
+runs together as the next one. An idle server adds no latency: work that
+finds nothing of its group in flight runs at once, in its caller's task.
+
+`PointReads` builds on it: point reads answered together by one `= ANY($1)`
+query. Tenancy stays with the caller: the batch fetches rows by key only, and
 each caller's service checks that the row it gets is one it may see.
+VectorService coalesces similarity searches of one shape the same way (one
+LATERAL statement for the searches that queued).
 """
 
 from __future__ import annotations
@@ -18,10 +23,96 @@ import asyncpg
 from server import replicas
 from server.uow import Database, UnitOfWork
 
+G = TypeVar("G", bound=Hashable)
+T = TypeVar("T")
+R = TypeVar("R")
 K = TypeVar("K", bound=Hashable)
 
-# Keys answered by one query at the most; more wait for the next one.
+# Keys answered by one point-read query at the most; more wait for the next one.
 MAX_BATCH_KEYS = 1000
+
+# `run(group, items)` answers `items` (all of `group`), one result per item in order.
+Run = Callable[[G, Sequence[T]], Awaitable[Sequence[R]]]
+
+
+class Batches(Generic[G, T, R]):
+    """Work items answered in batches of at most `max_batch`, per group."""
+
+    def __init__(self, run: Run[G, T, R], max_batch: int) -> None:
+        self._run = run
+        self._max_batch = max_batch
+        self._busy: set[G] = set()
+        self._waiting: dict[G, list[tuple[T, asyncio.Future[R]]]] = {}
+        self._drainers: set[asyncio.Task[None]] = set()
+
+    async def submit(self, group: G, items: Sequence[T]) -> list[R]:
+        """The results of `items`, in order."""
+        call = replicas.current_call()
+        if call is not None and call.min_lsn is not None:
+            # Work that must see a given write goes on its own: a shared batch
+            # is routed by whoever opened it.
+            return await self._run_all(group, items)
+        if group in self._busy:
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in items]
+            self._waiting.setdefault(group, []).extend(zip(items, futures, strict=True))
+            if len(futures) == 1:
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
+        self._busy.add(group)
+        try:
+            return await self._run_all(group, items)
+        finally:
+            self._hand_over(group)
+
+    async def _run_all(self, group: G, items: Sequence[T]) -> list[R]:
+        results: list[R] = []
+        for start in range(0, len(items), self._max_batch):
+            chunk = items[start : start + self._max_batch]
+            answered = await self._run(group, chunk)
+            if len(answered) != len(chunk):
+                raise RuntimeError(f"a batch of {len(chunk)} got {len(answered)} results")
+            results.extend(answered)
+        return results
+
+    def _hand_over(self, group: G) -> None:
+        """After a batch: the work that queued meanwhile gets one of its own."""
+        if self._waiting.get(group):
+            task = asyncio.get_running_loop().create_task(self._drain(group))
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
+        else:
+            self._waiting.pop(group, None)
+            self._busy.discard(group)
+
+    async def _drain(self, group: G) -> None:
+        try:
+            while queued := self._waiting.get(group):
+                batch, self._waiting[group] = (
+                    queued[: self._max_batch],
+                    queued[self._max_batch :],
+                )
+                live = [(item, future) for item, future in batch if not future.done()]
+                if not live:
+                    continue  # every caller of this batch has gone
+                try:
+                    results = await self._run_all(group, [item for item, _ in live])
+                except BaseException as exc:
+                    for _, future in live:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+                        raise
+                    continue
+                for (_, future), result in zip(live, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            # Cancelled (the server is stopping): nobody is left waiting forever.
+            for _, future in self._waiting.pop(group, []):
+                future.cancel()
+            self._busy.discard(group)
+
 
 # Runs on `uow.driver` only (the unit is a Database.driver_read()).
 Fetch = Callable[[UnitOfWork, Sequence[K]], Awaitable[Iterable[asyncpg.Record]]]
@@ -35,66 +126,17 @@ class PointReads(Generic[K]):
         self._db = db
         self._fetch = fetch
         self._key = key
-        self._busy = False
-        self._waiting: dict[K, list[asyncio.Future[asyncpg.Record | None]]] = {}
-        self._drainer: asyncio.Task[None] | None = None
+        self._batches: Batches[None, K, asyncpg.Record | None] = Batches(
+            self._query, MAX_BATCH_KEYS
+        )
 
     async def get(self, key: K) -> asyncpg.Record | None:
-        call = replicas.current_call()
-        if call is not None and call.min_lsn is not None:
-            # A read that must see a given write goes on its own: a shared batch
-            # is routed by whoever opened it.
-            return (await self._query([key])).get(key)
-        if self._busy:
-            future: asyncio.Future[asyncpg.Record | None] = (
-                asyncio.get_running_loop().create_future()
-            )
-            self._waiting.setdefault(key, []).append(future)
-            return await future
-        self._busy = True
-        try:
-            rows = await self._query([key])
-        finally:
-            self._hand_over()
-        return rows.get(key)
+        return (await self._batches.submit(None, (key,)))[0]
 
-    async def _query(self, keys: Sequence[K]) -> dict[K, asyncpg.Record]:
+    async def _query(self, _: None, keys: Sequence[K]) -> list[asyncpg.Record | None]:
         # The fetches run on the driver alone: the cheaper checkout.
         async with self._db.driver_read() as uow:
-            return {self._key(row): row for row in await self._fetch(uow, keys)}
-
-    def _hand_over(self) -> None:
-        """After a query: the reads that queued meanwhile get one of their own."""
-        if self._waiting:
-            self._drainer = asyncio.get_running_loop().create_task(self._drain())
-        else:
-            self._busy = False
-
-    async def _drain(self) -> None:
-        try:
-            while self._waiting:
-                keys = list(self._waiting)[:MAX_BATCH_KEYS]
-                batch = {key: self._waiting.pop(key) for key in keys}
-                try:
-                    rows = await self._query(keys)
-                except BaseException as exc:
-                    for futures in batch.values():
-                        for future in futures:
-                            if not future.done():
-                                future.set_exception(exc)
-                    if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
-                        raise
-                    continue
-                for key, futures in batch.items():
-                    row = rows.get(key)
-                    for future in futures:
-                        if not future.done():
-                            future.set_result(row)
-        finally:
-            # Cancelled (the server is stopping): nobody is left waiting forever.
-            for futures in self._waiting.values():
-                for future in futures:
-                    future.cancel()
-            self._waiting.clear()
-            self._busy = False
-            self._drainer = None
+            rows = {
+                self._key(row): row for row in await self._fetch(uow, list(dict.fromkeys(keys)))
+            }
+        return [rows.get(key) for key in keys]

@@ -1,5 +1,17 @@
 """AIP-155 request IDs: a retry with the same request_id and payload gets the
-first answer back and changes nothing; another payload is REQUEST_ID_REUSED."""
+first answer back and changes nothing; another payload is REQUEST_ID_REUSED.
+
+One recipe, in three sizes: a call claims its key in `idempotency_keys`
+(INSERT ... ON CONFLICT DO NOTHING, so a concurrent claim of the same key waits
+for the first transaction), makes its change, stores its answer, all in its
+unit's transaction; a call that finds the key taken gets `replay` of the stored
+answer. `once` does it in three statements around any Python `work`;
+`claim_insert` / `stored_select` put the claim and the answer into the
+change's own statement as data-modifying CTEs (CreateContent, CreateActor);
+the credit functions of migration 0006 do the same steps in PL/pgSQL, and
+streams (IngestContent, UpsertItems) claim once and store the answer when the
+stream ends.
+"""
 
 from __future__ import annotations
 
@@ -121,10 +133,7 @@ async def once(
         response = await work()
         await repo.save_response(caller.user_id, key, response.SerializeToString())
         return response
-    stored_method, stored_hash, stored_response = await repo.stored(caller.user_id, key)
-    if stored_method != method or stored_hash != digest or stored_response is None:
-        raise errors.RequestIdReused()
-    return response_type.FromString(stored_response)
+    return replay(await repo.stored(caller.user_id, key), method, digest, response_type)
 
 
 def claim_insert(source: FromClause, response: ColumnElement[bytes]) -> Insert:
