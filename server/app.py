@@ -157,7 +157,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
     vector_pb2_grpc.add_VectorServiceServicer_to_server(
         VectorServicer(VectorService(units), units), server
     )
-    network_pb2_grpc.add_NetworkServiceServicer_to_server(NetworkServicer(units), server)
+    network_pb2_grpc.add_NetworkServiceServicer_to_server(NetworkServicer(units, limits), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     if settings.reflection:

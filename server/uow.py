@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -119,10 +120,51 @@ class UnitOfWork:
             # only once the unit has committed (see Database._unit).
             _pending_settings[self.driver] = {**_pending_settings.get(self.driver, {}), **changed}
 
+    async def export_snapshot(self) -> ExportedSnapshot:
+        """This snapshot unit's snapshot, for `Database.snapshot_of` units to
+        read too (on another connection, e.g. to run a statement beside this
+        unit's). It can be imported while this unit lasts."""
+        assert self.mode is Mode.SNAPSHOT, "only a snapshot unit exports its snapshot"
+        snapshot_id = str(await self.driver.fetchval("SELECT pg_export_snapshot()"))
+        return ExportedSnapshot(snapshot_id, self.on_replica)
+
+    async def use_local_settings(self, values: Mapping[str, str]) -> None:
+        """Makes the settings `values` hold for the rest of this unit's
+        transaction only (SET LOCAL), in one round trip: they end with it,
+        committed or rolled back, and the connection goes back to the pool as
+        it was. Needs a unit with a transaction (snapshot or write)."""
+        assert self.mode is Mode.SNAPSHOT or self.mode is Mode.WRITE, (
+            "local settings belong to units with a transaction"
+        )
+        if not values:
+            return
+        # set_config takes its values as parameters: nothing is spliced into SQL.
+        await self.driver.execute(
+            "SELECT "
+            + ", ".join(
+                f"set_config(${2 * i + 1}, ${2 * i + 2}, true)" for i in range(len(values))
+            ),
+            *[part for item in values.items() for part in item],
+        )
+
 
 _pending_settings: weakref.WeakKeyDictionary[asyncpg.Connection, dict[str, str]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ExportedSnapshot:
+    """A snapshot unit's snapshot (`UnitOfWork.export_snapshot`): its ID as
+    pg_export_snapshot() gives it, and which server holds it."""
+
+    id: str
+    on_replica: bool
+
+
+# What pg_export_snapshot() returns (e.g. 00000003-0000001B-1): checked before
+# it is spliced into SET TRANSACTION SNAPSHOT, which takes no parameters.
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]+-[0-9A-F]+(-[0-9]+)?")
 
 
 def _connection_is_sound(exc: BaseException) -> bool:
@@ -199,9 +241,39 @@ class Database:
         used."""
         return self._unit(Mode.READ, driver_only=True)
 
+    def snapshot_of(self, exported: ExportedSnapshot) -> Any:
+        """`async with db.snapshot_of(exported) as uow`: a snapshot unit that
+        reads exactly the snapshot `exported` (of a unit still open), on the
+        same server, on a connection of its own."""
+        if not _SNAPSHOT_ID.fullmatch(exported.id):
+            raise ValueError(f"not a snapshot ID: {exported.id!r}")
+        return self._unit(Mode.SNAPSHOT, imported=exported)
+
+    def has_idle_connection(self, on_replica: bool = False) -> bool:
+        """Whether the pool (the replica's, or the primary's) has an idle
+        connection right now: a unit opened now, which is optional work,
+        would take no connection that another caller is waiting for."""
+        engine = self.replica.engine if on_replica and self.replica is not None else self.engine
+        checkedin = getattr(engine.pool, "checkedin", None)
+        return checkedin is not None and int(checkedin()) > 0
+
     @asynccontextmanager
-    async def _unit(self, mode: Mode, *, driver_only: bool = False) -> AsyncIterator[UnitOfWork]:
-        conn, driver, on_replica = await self._open(mode, driver_only)
+    async def _unit(
+        self,
+        mode: Mode,
+        *,
+        driver_only: bool = False,
+        imported: ExportedSnapshot | None = None,
+    ) -> AsyncIterator[UnitOfWork]:
+        if imported is None:
+            conn, driver, on_replica = await self._open(mode, driver_only)
+        else:
+            engine = self.engine
+            if imported.on_replica:
+                assert self.replica is not None, "a replica's snapshot without a replica"
+                engine = self.replica.engine
+            conn, driver = await _checkout(engine)
+            on_replica = imported.on_replica
         try:
             timeout = self._statement_timeout(driver)
             if mode is Mode.READ or mode is Mode.AUTOCOMMIT:
@@ -215,6 +287,9 @@ class Database:
                     readonly=mode is Mode.SNAPSHOT,
                 )
                 await transaction.start()
+                if imported is not None:
+                    # First in the transaction, before any query (checked ID).
+                    await driver.execute(f"SET TRANSACTION SNAPSHOT '{imported.id}'")
                 if (
                     timeout is not None
                     and timeout != _session_settings[driver]["statement_timeout"]

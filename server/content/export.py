@@ -1,22 +1,22 @@
 """ExportContent: one snapshot of the filtered content streamed as one file.
 
-A producer task reads the rows in one snapshot unit (REPEATABLE READ READ
-ONLY) with `COPY (SELECT ...) TO STDOUT`, so PostgreSQL does the
-formatting: CSV as it is, NDJSON as one JSON text per row, and for Parquet and
-Arrow the same CSV, parsed into typed record batches by pyarrow in a thread of
-the export's own. It puts ~1 MiB chunks on a small bounded queue; the RPC's
-stream takes them off. When the client reads slowly, the queue fills, the
-producer waits, and so does the COPY: memory stays flat. Cancelling the RPC
-cancels the producer, whose unit then discards its connection (ending the
-COPY on the server).
+A producer task (server.streams: its bounded queue, the idle bound
+OBSERVATORY_EXPORT_IDLE_S, the export slots) reads the rows in one snapshot
+unit (REPEATABLE READ READ ONLY) with `COPY (SELECT ...) TO STDOUT`, so
+PostgreSQL does the formatting: CSV as it is, NDJSON as one JSON text per row,
+and for Parquet and Arrow the same CSV, parsed into typed record batches by
+pyarrow in a thread of the export's own. It puts ~1 MiB chunks on the queue;
+the RPC's stream takes them off. When the client reads slowly, the queue
+fills, the producer waits, and so does the COPY: memory stays flat.
+Cancelling the RPC cancels the producer, whose unit then discards its
+connection (ending the COPY on the server); a client that reads nothing for
+the idle bound gets RESOURCE_EXHAUSTED / LIMIT_EXCEEDED.
 
-A client that stops reading cannot hold the snapshot forever: once the
-producer has waited `idle_s` (OBSERVATORY_EXPORT_IDLE_S, 60 s by default)
-for room on the queue, the export ends. Its unit discards the connection at
-once, and the client, when it reads again, gets the data already on its way
-and then RESOURCE_EXHAUSTED, reason LIMIT_EXCEEDED, metadata `limit`
-OBSERVATORY_EXPORT_IDLE_S. (HTTP/2 delivers the status only after those
-bytes; a client that never reads again holds its stream, but no connection.)
+The first chunk carries the row count (rows_total), which is counted in the
+same snapshot on a second connection (when the pool has one idle) while the
+COPY runs: the file made meanwhile, up to COUNTING_AHEAD_BYTES, waits for the
+count instead of the COPY waiting for it. (PostgreSQL counts with parallel
+workers, so on a busy machine the two mostly share the cores.)
 
 Memory is bounded by bytes whatever the rows: ExportChunk data of ~1 MiB
 (a larger row is cut across chunks), Arrow record batches of ~4 MiB of CSV
@@ -27,7 +27,6 @@ PostgreSQL sends a COPY's rows whole and pyarrow is handed whole rows only."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,12 +51,12 @@ from server.content.report_repository import (
     ndjson_select,
 )
 from server.content.repository import ContentQuery
-from server.uow import Database
+from server.streams import Outlet, SnapshotExport
+from server.uow import Database, ExportedSnapshot, UnitOfWork
 
 CHUNK_BYTES = 1 << 20
-# Chunks waiting for the client: the most an export holds in memory besides
-# the batch being built.
-QUEUE_CHUNKS = 2
+# The most of the file an export makes and holds before its row count is known.
+COUNTING_AHEAD_BYTES = 16 << 20
 # Bytes of CSV (whole rows) parsed into one Arrow record batch, at least (or
 # one row, when a row is larger), and per Parquet row group.
 ARROW_BLOCK_BYTES = 4 << 20
@@ -126,11 +125,15 @@ def arrow_schema(fields: Sequence[str]) -> pa.Schema:
 
 class _Chunker:
     """Gathers the bytes and row counts of an export into ~CHUNK_BYTES chunks
-    and queues them (waiting while the queue is full)."""
+    and queues them (waiting while the queue is full), after the row count
+    `total`: the chunks made before it is known are held, up to
+    COUNTING_AHEAD_BYTES, then wait for it."""
 
-    def __init__(self, queue: asyncio.Queue[Any], idle_s: float) -> None:
-        self._queue = queue
-        self._idle_s = idle_s
+    def __init__(self, outlet: Outlet, total: asyncio.Future[int]) -> None:
+        self._outlet = outlet
+        self._total: asyncio.Future[int] | None = total
+        self._held: list[tuple[bytes, int]] = []
+        self._held_bytes = 0
         self._parts: list[bytes | bytearray] = []
         self._size = 0
         self._rows = 0
@@ -160,29 +163,28 @@ class _Chunker:
         """Queues what is left; an export always sends at least one chunk."""
         if self._size or not self._sent:
             await self._put()
+        await self._release()
 
     async def _put(self) -> None:
-        data = b"".join(self._parts)
-        await _put_or_idle(self._queue, (data, self._rows), self._idle_s)
+        chunk = (b"".join(self._parts), self._rows)
         self._parts, self._size, self._rows, self._sent = [], 0, 0, True
+        if self._total is not None:
+            if not self._total.done() and self._held_bytes + len(chunk[0]) <= COUNTING_AHEAD_BYTES:
+                self._held.append(chunk)
+                self._held_bytes += len(chunk[0])
+                return
+            await self._release()
+        await self._outlet.put(chunk)
 
-
-class _ClientIdle(BaseException):
-    """The client has not read for longer than the idle bound. A BaseException,
-    as a cancellation is: the COPY it interrupts cannot be rolled back, so the
-    unit discards its connection rather than returning it to the pool."""
-
-
-async def _put_or_idle(queue: asyncio.Queue[Any], item: Any, idle_s: float) -> None:
-    """Queues `item`, waiting at most `idle_s` for room."""
-    if not queue.full():
-        queue.put_nowait(item)
-        return
-    try:
-        async with asyncio.timeout(idle_s):
-            await queue.put(item)
-    except TimeoutError:
-        raise _ClientIdle from None
+    async def _release(self) -> None:
+        """Queues the row count, once known, and the chunks held until then."""
+        if self._total is None:
+            return
+        await self._outlet.put(await self._total)
+        self._total = None
+        held, self._held, self._held_bytes = self._held, [], 0
+        for chunk in held:
+            await self._outlet.put(chunk)
 
 
 # Every byte but the quote and the newline, which are all _CsvRows looks at.
@@ -260,67 +262,52 @@ class Export:
         self._query = query
         self._fields = fields
         self._format = fmt
-        self._idle_s = idle_s
-        # The snapshot connections exports may hold at once (server.limits).
-        self._slots = slots or asyncio.Semaphore(1)
-        self._task: asyncio.Task[None] | None = None
+        self._stream = SnapshotExport(db, idle_s=idle_s, slots=slots or asyncio.Semaphore(1))
 
     def cancel(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._stream.cancel()
 
     async def chunks(self) -> AsyncIterator[content_pb2.ExportChunk]:
-        queue: asyncio.Queue[Any] = asyncio.Queue(QUEUE_CHUNKS)
-        self._task = asyncio.create_task(self._produce(queue))
+        items = self._stream.items(self._produce)
         try:
-            total = await self._next(queue)
+            total = await anext(items)
             rows_sent = 0
-            while (item := await self._next(queue)) is not None:
-                data, rows = item
+            async for data, rows in items:
                 rows_sent += rows
                 yield content_pb2.ExportChunk(
                     data=data, rows=rows, rows_sent=rows_sent, rows_total=total
                 )
         finally:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
+            await items.aclose()
 
-    @staticmethod
-    async def _next(queue: asyncio.Queue[Any]) -> Any:
-        item = await queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    async def _produce(self, queue: asyncio.Queue[Any]) -> None:
-        try:
-            async with self._slots, self._db.snapshot() as uow:
-                await uow.use_settings(SESSION_SETTINGS)
-                reader = ExportReader(uow)
-                await reader.lift_statement_timeout()
-                await queue.put(await reader.count(self._query))
-                chunker = _Chunker(queue, self._idle_s)
-                await self._write(reader, chunker)
-                await chunker.finish()
-        except asyncio.CancelledError:
-            raise
-        except _ClientIdle:
-            # The connection is gone already; what waits on the queue is moot.
-            while not queue.empty():
-                queue.get_nowait()
-            queue.put_nowait(
-                errors.LimitExceeded(
-                    f"the export waited {self._idle_s:g} s for the client to read; it was "
-                    "ended and its snapshot released",
-                    limit="OBSERVATORY_EXPORT_IDLE_S",
-                    maximum=self._idle_s,
-                )
-            )
-        except Exception as exc:
-            await queue.put(exc)
+    async def _produce(self, uow: UnitOfWork, outlet: Outlet) -> None:
+        """The row count, then the file in ~CHUNK_BYTES chunks (bytes, rows)."""
+        await uow.use_settings(SESSION_SETTINGS)
+        reader = ExportReader(uow)
+        await reader.lift_statement_timeout()
+        total: asyncio.Future[int]
+        if self._db.has_idle_connection(uow.on_replica):
+            total = asyncio.ensure_future(self._count(await uow.export_snapshot()))
         else:
-            await queue.put(None)
+            total = asyncio.get_running_loop().create_future()
+            total.set_result(await reader.count(self._query))
+        try:
+            chunker = _Chunker(outlet, total)
+            await self._write(reader, chunker)
+            await chunker.finish()
+        finally:
+            if not total.done():
+                total.cancel()
+                await asyncio.wait([total])
+            if not total.cancelled():
+                total.exception()  # retrieved: the export's own error, if any, is what counts
+
+    async def _count(self, snapshot: ExportedSnapshot) -> int:
+        """The export's rows, counted in its snapshot on a connection of its own."""
+        async with self._db.snapshot_of(snapshot) as uow:
+            reader = ExportReader(uow)
+            await reader.lift_statement_timeout()
+            return await reader.count(self._query)
 
     async def _write(self, reader: ExportReader, chunker: _Chunker) -> None:
         q, fields = self._query, self._fields

@@ -9,7 +9,7 @@ The statement's shape, for every kind:
   (the author_id as text, or `account:<platform>:<author_platform_id>`),
   platform, display name and terms;
 - `term_rows`: one row per (content, term), each term once per content
-  (`unnest ... WITH ORDINALITY` keeps a term's first position only);
+  (a lateral `SELECT DISTINCT` over the content's own terms);
 - the node weights (contents per actor, contents per term), of which `kept`
   holds the heaviest `max_nodes` (ties by ID), each numbered (`ord`) in ID
   order, so that the pair counting below joins and groups small integers;
@@ -125,17 +125,19 @@ def _scope(q: ContentQuery) -> CTE:
 
 
 def _term_rows(scope: CTE) -> CTE:
-    """(content id, actor, term): each distinct term of each content once."""
-    unnested = (
-        func.unnest(scope.c.terms)
-        .table_valued("term", with_ordinality="n")
-        .render_derived(name="t")
-    )
+    """(content id, actor, term): each distinct term of each content once.
+
+    The terms are made distinct per content (a lateral DISTINCT over its own
+    array): linear in the terms, and the array is read once. Keeping "the
+    first position of each term" with array_position instead is quadratic and
+    detoasts the whole array per term: seconds for one content of 1,000 long
+    terms."""
+    unnested = func.unnest(scope.c.terms).table_valued("term").render_derived(name="t")
+    distinct_terms = select(unnested.c.term).distinct().lateral("d")
     return (
-        select(scope.c.id, scope.c.actor, unnested.c.term)
+        select(scope.c.id, scope.c.actor, distinct_terms.c.term)
         .select_from(scope)
-        .join(unnested, true())
-        .where(func.array_position(scope.c.terms, unnested.c.term) == unnested.c.n)
+        .join(distinct_terms, true())
         .cte("term_rows")
     )
 

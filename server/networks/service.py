@@ -1,12 +1,12 @@
 """NetworkService rules: checked requests in, networks out, inside the unit
 of work the servicer opens. GetNetwork and ListCrossPlatformActors are one
 statement each (a read unit), ExportNetwork one statement read through a
-cursor (a snapshot unit)."""
+cursor (a snapshot unit that its export task opens: server.streams)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,6 +19,7 @@ from server.content.repository import ContentQuery
 from server.content.service import content_query
 from server.networks import export
 from server.networks.repository import PART_NODE, Kind, NetworkRepository
+from server.streams import Outlet
 from server.uow import UnitOfWork
 
 GET_DEFAULT_NODES = 500
@@ -124,15 +125,15 @@ async def get_network(uow: UnitOfWork, query: NetworkQuery) -> network_pb2.GetNe
 
 
 async def export_network(
-    uow: UnitOfWork, query: NetworkQuery, writer: export.GraphWriter
-) -> AsyncIterator[content_pb2.ExportChunk]:
-    """The network's file in chunks, read through a cursor: `uow` must be a
-    snapshot."""
+    uow: UnitOfWork, query: NetworkQuery, writer: export.GraphWriter, outlet: Outlet
+) -> None:
+    """Puts the network's file on `outlet` in ExportChunks, read through a
+    cursor: `uow` must be a snapshot."""
     rows = NetworkRepository(uow).stream(
         query.kind, query.content, min_weight=query.min_weight, max_nodes=query.max_nodes
     )
     async for chunk in export.chunks(rows, writer, query.max_nodes):
-        yield chunk
+        await outlet.put(chunk)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,15 +10,18 @@ import grpc
 from observatory.v1 import content_pb2, network_pb2, network_pb2_grpc
 
 from server.auth import principal
+from server.limits import Limits
 from server.networks import service
-from server.uow import Database
+from server.streams import Outlet, SnapshotExport
+from server.uow import Database, UnitOfWork
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class NetworkServicer(network_pb2_grpc.NetworkServiceServicer):
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, limits: Limits) -> None:
         self._db = db
+        self._limits = limits
 
     async def GetNetwork(
         self, request: network_pb2.GetNetworkRequest, context: Context
@@ -42,11 +45,19 @@ class NetworkServicer(network_pb2_grpc.NetworkServiceServicer):
             most_nodes=service.EXPORT_MAX_NODES,
         )
         writer = service.graph_writer(request.format, query.kind)
-        # However the stream ends early (cancelled, deadline), the unit
-        # discards its connection, which ends the statement on the server.
-        async with self._db.snapshot() as uow:
-            async for chunk in service.export_network(uow, query, writer):
-                yield chunk
+        # The export reads in a snapshot unit of its own, in a task that the
+        # end of the RPC cancels, and ends when its client reads nothing for
+        # OBSERVATORY_EXPORT_IDLE_S (server.streams).
+        export = SnapshotExport(
+            self._db, idle_s=self._limits.export_idle_s, slots=self._limits.export_slots
+        )
+        export.cancel_when_done(context)
+
+        async def produce(uow: UnitOfWork, outlet: Outlet) -> None:
+            await service.export_network(uow, query, writer, outlet)
+
+        async for chunk in export.items(produce):
+            yield chunk
 
     async def ListCrossPlatformActors(
         self, request: network_pb2.ListCrossPlatformActorsRequest, context: Context
