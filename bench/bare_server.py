@@ -91,10 +91,13 @@ class Answers:
 
 
 async def serve(listen: str, workers: int, answers: Answers) -> None:
-    from server.app import server_options  # no gRPC server object before forking
+    # (no gRPC server object before forking)
+    from server.app import served_by_generic_handlers, server_options
 
     settings = Settings(OBSERVATORY_LISTEN=listen, OBSERVATORY_WORKERS=workers)
     server = grpc.aio.server(options=server_options(settings))
+    # Registered as the service registers its own: by generic handlers only.
+    registry = served_by_generic_handlers(server)
     if answers.get is not None:
         listing = answers.listing
         content_pb2_grpc.add_ContentServiceServicer_to_server(
@@ -102,17 +105,17 @@ async def serve(listen: str, workers: int, answers: Answers) -> None:
                 content_pb2.Content.FromString(answers.get),
                 None if listing is None else content_pb2.ListContentResponse.FromString(listing),
             ),
-            server,
+            registry,
         )
     if answers.actor is not None:
         actor_pb2_grpc.add_ActorServiceServicer_to_server(
-            ConstantActor(actor_pb2.Actor.FromString(answers.actor)), server
+            ConstantActor(actor_pb2.Actor.FromString(answers.actor)), registry
         )
     if answers.balance is not None:
         credit_pb2_grpc.add_CreditServiceServicer_to_server(
-            ConstantBalance(credit_pb2.Balance.FromString(answers.balance)), server
+            ConstantBalance(credit_pb2.Balance.FromString(answers.balance)), registry
         )
-    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), registry)
     server.add_insecure_port(listen)
     await server.start()
     stopping = asyncio.Event()

@@ -1,29 +1,30 @@
 """The one place where cross-cutting concerns happen for every RPC: request
-IDs, authentication, request decoding, error mapping, the access log, RPC
-metrics and the server span of a trace."""
+IDs, authentication, the worker's limits, request decoding, error mapping,
+the access log, RPC metrics and the server span of a trace. A call crosses
+this one interceptor and nothing else."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import random
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from pythonjsonlogger.json import JsonFormatter
 
 from server import deadlines, errors, replicas
 from server.audit import current_request_id
 from server.auth import Authenticator, Principal, current_principal
 from server.db import classify_database_error
+from server.logs import AccessLog
 from server.ops import tracing
 from server.ops.metrics import MethodMetrics, rpc_type
 
@@ -39,11 +40,23 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Deserializer = Callable[[bytes], Any]
 Requests: TypeAlias = "Callable[[Any, _Call], Any]"
-# Asked once the caller is known, before the handler runs, with the method's
-# name, whether it streams, and the caller (server.limits): raises an
-# errors.ObservatoryError to refuse the call, or returns what to call when the
-# RPC ends.
-Admission: TypeAlias = Callable[[str, bool, Principal], Callable[[], None]]
+
+
+class Admission(Protocol):
+    """Who may run (server.limits.Limits): told of every call as it arrives
+    and as it ends, and asked once its caller is known."""
+
+    def enter_rpc(self) -> bool:
+        """Counts a call in as it arrives; False (not counted) when the worker is full."""
+
+    def leave_rpc(self) -> None:
+        """Counts out a call `enter_rpc` counted in."""
+
+    def admit(
+        self, method: str, streaming: bool, caller: Principal, counted: bool
+    ) -> Callable[[], None]:
+        """Raises an errors.ObservatoryError to refuse the call (`counted` is
+        what `enter_rpc` said), or returns what to call when the RPC ends."""
 
 
 # What an error sends back, whatever the input behind it (the contract: a
@@ -153,56 +166,6 @@ def as_observatory_error(exc: BaseException) -> errors.ObservatoryError | None:
     return classify_database_error(exc)
 
 
-class AccessLog:
-    """The one log line per RPC. When the root logger has just the JSON stderr
-    handler of server.logs, the line is made here as that formatter would make
-    it (about a quarter of the CPU: no LogRecord, no generic formatting);
-    otherwise (other handlers, e.g. pytest's caplog) it goes through logging."""
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self._log = logger
-        self._second = -1
-        self._prefix = ""
-
-    def write(self, fields: dict[str, Any]) -> None:
-        log = self._log
-        if not log.isEnabledFor(logging.INFO):
-            return
-        handlers = logging.root.handlers
-        handler = handlers[0] if len(handlers) == 1 else None
-        if (
-            handler is None
-            or type(handler) is not logging.StreamHandler
-            or not isinstance(handler.formatter, JsonFormatter)
-            or log.handlers
-            or handler.level > logging.INFO
-        ):
-            log.info("rpc", extra=fields)
-            return
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._second = second
-            self._prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        line = json.dumps(
-            {
-                "time": f"{self._prefix},{int((now - second) * 1000):03d}",
-                "level": "INFO",
-                "logger": log.name,
-                "message": "rpc",
-                **fields,
-            }
-        )
-        handler.acquire()
-        try:
-            handler.stream.write(line + handler.terminator)
-            handler.flush()
-        except OSError:
-            pass  # as logging does: a log that cannot be written does not fail the RPC
-        finally:
-            handler.release()
-
-
 class _Method:
     """What the steps need about one RPC method, made once per method."""
 
@@ -225,7 +188,7 @@ class _Call:
         self.request_id = request_id
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
-        self.user = ""
+        self.user: uuid.UUID | None = None
         self.received = 0
         self.sent = 0
         self.span: tracing.ServerSpan | None = None
@@ -239,8 +202,10 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         admission: Admission | None = None,
     ) -> None:
         self._auth = authenticator
-        self._admission = admission or _admit_all
+        self._admission: Admission = admission or _AdmitAll()
         self._tracer = tracer
+        # Each method's handler, wrapped once: the server's handlers do not
+        # change once it serves, so a known method needs no look-up.
         self._wrapped: dict[str, Handler] = {}
         self._access_log = AccessLog(log)
 
@@ -250,12 +215,13 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         method: str = handler_call_details.method
+        wrapped = self._wrapped.get(method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(handler_call_details)
         if handler is None or method.startswith(PUBLIC_PREFIXES):
             return handler
-        wrapped = self._wrapped.get(method)
-        if wrapped is None:
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
+        wrapped = self._wrapped[method] = self._wrap(method, handler)
         return wrapped
 
     # -- per-call steps -------------------------------------------------------
@@ -274,10 +240,11 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             call.span = tracing.ServerSpan(self._tracer, method.span_name, metadata)
         return call, metadata
 
-    def _authenticate(self, call: _Call, metadata: dict[str, Any]) -> None:
+    def _authenticate(self, call: _Call, metadata: dict[str, Any]) -> Principal:
         caller: Principal = self._auth.authenticate(_text(metadata.get("authorization")))
         current_principal.set(caller)
-        call.user = str(caller.user_id)
+        call.user = caller.user_id
+        return caller
 
     async def _fail(
         self, exc: BaseException, call: _Call, context: grpc.aio.ServicerContext[Any, Any]
@@ -301,17 +268,13 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             call.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
         seconds = time.perf_counter() - call.started
         call.method.metrics.finish(call.code, seconds, call.received, call.sent)
-        line = {
-            "method": call.method.name,
-            "status": call.code.name,
-            "duration_ms": round(seconds * 1000, 3),
-            "request_id": call.request_id,
-            "user": call.user,
-        }
+        trace_id = None
         if call.span is not None:
-            line["trace_id"] = call.span.trace_id
+            trace_id = call.span.trace_id
             call.span.end(call.code)
-        self._access_log.write(line)
+        self._access_log.write(
+            call.method.name, call.code, seconds, call.request_id, call.user, trace_id
+        )
 
     # -- wrapping by RPC kind ---------------------------------------------------
 
@@ -339,12 +302,15 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
     def _single_response(
         self, method: _Method, behaviour: Any, requests: Requests
     ) -> Callable[..., Awaitable[Any]]:
+        admission = self._admission
+
         async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call, metadata = self._start(method, context)
+            counted = admission.enter_rpc()  # a call takes its place as it arrives
             release = _nothing
             try:
-                self._authenticate(call, metadata)
-                release = self._admission(method.name, method.streaming, current_principal.get())
+                caller = self._authenticate(call, metadata)
+                release = admission.admit(method.name, method.streaming, caller, counted)
                 response = await behaviour(requests(raw, call), context)
                 _send_lsn(context)
                 call.sent = 1
@@ -355,6 +321,8 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(exc, call, context)
             finally:
                 release()
+                if counted:
+                    admission.leave_rpc()
                 self._finish(call, context)
 
         return handle
@@ -362,14 +330,17 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
     def _streamed_response(
         self, method: _Method, behaviour: Any, requests: Requests
     ) -> Callable[..., AsyncIterator[Any]]:
+        admission = self._admission
+
         async def handle(
             raw: Any, context: grpc.aio.ServicerContext[Any, Any]
         ) -> AsyncIterator[Any]:
             call, metadata = self._start(method, context)
+            counted = admission.enter_rpc()  # a call takes its place as it arrives
             release = _nothing
             try:
-                self._authenticate(call, metadata)
-                release = self._admission(method.name, method.streaming, current_principal.get())
+                caller = self._authenticate(call, metadata)
+                release = admission.admit(method.name, method.streaming, caller, counted)
                 async for response in behaviour(requests(raw, call), context):
                     call.sent += 1
                     yield response
@@ -380,6 +351,8 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
                 await self._fail(exc, call, context)
             finally:
                 release()
+                if counted:
+                    admission.leave_rpc()
                 self._finish(call, context)
 
         return handle
@@ -389,8 +362,19 @@ def _nothing() -> None:
     pass
 
 
-def _admit_all(method: str, streaming: bool, caller: Principal) -> Callable[[], None]:
-    return _nothing
+class _AdmitAll:
+    """No limits (an interceptor made without any)."""
+
+    def enter_rpc(self) -> bool:
+        return True
+
+    def leave_rpc(self) -> None:
+        pass
+
+    def admit(
+        self, method: str, streaming: bool, caller: Principal, counted: bool
+    ) -> Callable[[], None]:
+        return _nothing
 
 
 def _send_lsn(context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -402,10 +386,19 @@ def _send_lsn(context: grpc.aio.ServicerContext[Any, Any]) -> None:
 
 
 def _request_id(sent: str | bytes | None) -> str:
-    """The caller's x-request-id when it is sane, else a fresh UUID."""
+    """The caller's x-request-id when it is sane, else a fresh one."""
     if isinstance(sent, str) and SANE_REQUEST_ID.fullmatch(sent):
         return sent
-    return str(uuid.uuid4())
+    return fresh_request_id()
+
+
+def fresh_request_id() -> str:
+    """A random UUID (version 4) in canonical text, for a fifth of the CPU of
+    str(uuid.uuid4()): no system call (the `random` module is seeded from
+    os.urandom, again in each forked worker) and no UUID object. An ID to
+    correlate log lines and errors by, not a secret."""
+    digits = f"{random.getrandbits(128):032x}"
+    return f"{digits[:8]}-{digits[8:12]}-4{digits[13:16]}-a{digits[17:20]}-{digits[20:]}"
 
 
 def _text(value: str | bytes | None) -> str | None:

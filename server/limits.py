@@ -1,13 +1,17 @@
 """Per-worker limits, so that no caller can take what the others need.
 
-- `OBSERVATORY_MAX_CONCURRENT_RPCS`: the RPCs one worker serves at once.
-  Counted by `LimitsInterceptor`, the outermost interceptor, from the moment
-  a call arrives until it ends.
+- `OBSERVATORY_MAX_CONCURRENT_RPCS`: the RPCs one worker serves at once,
+  counted from the moment a call arrives until it ends.
 - `OBSERVATORY_MAX_STREAMS_PER_CALLER`: the streaming RPCs (IngestContent,
   UpsertItems, ExportContent, the search streams, ExportNetwork: any RPC
   with a stream on either side) one caller has open at once on this worker,
-  keyed by the verified token's user ID. The main interceptor asks
-  `Limits.admit` once it has authenticated the caller.
+  keyed by the verified token's user ID.
+
+`Limits` is the admission of the one interceptor (server.interceptor): it
+counts every call in as it arrives (`enter_rpc`) and out as it ends
+(`leave_rpc`), and is asked once the caller is authenticated (`admit`), so a
+refusal gets the same error mapping, access log line and metrics as any
+other error.
 
 A call past either limit is refused at once with RESOURCE_EXHAUSTED, reason
 LIMIT_EXCEEDED and metadata `limit` (the setting's name) and `max`: nobody
@@ -28,29 +32,15 @@ and how long an export may wait for a client that does not read
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
-
-import grpc
+from collections.abc import Callable
 
 from server import bulk, errors
 from server.auth import Principal
 from server.settings import Settings
 
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
-
-# Served without a token and never limited: health checks and reflection.
-UNLIMITED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 MAX_CONCURRENT_RPCS = "OBSERVATORY_MAX_CONCURRENT_RPCS"
 MAX_STREAMS_PER_CALLER = "OBSERVATORY_MAX_STREAMS_PER_CALLER"
-
-# Set by LimitsInterceptor on a call that arrived while the worker was full;
-# `Limits.admit` (inside the main interceptor's error handling) refuses it.
-_over_rpc_limit: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "over_rpc_limit", default=False
-)
 
 
 def _nothing() -> None:
@@ -90,11 +80,13 @@ class Limits:
     def leave_rpc(self) -> None:
         self.rpcs -= 1
 
-    def admit(self, method: str, streaming: bool, caller: Principal) -> Callable[[], None]:
-        """The main interceptor's admission hook, run once the caller is known:
-        raises LimitExceeded for a call past a limit, otherwise returns what to
-        call when the RPC ends."""
-        if _over_rpc_limit.get():
+    def admit(
+        self, method: str, streaming: bool, caller: Principal, counted: bool
+    ) -> Callable[[], None]:
+        """Run once the caller is known: raises LimitExceeded for a call past a
+        limit (`counted` False: it found the worker full as it arrived),
+        otherwise returns what to call when the RPC ends."""
+        if not counted:
             raise errors.LimitExceeded(
                 f"this server is serving {self.max_rpcs} calls already; retry later",
                 limit=MAX_CONCURRENT_RPCS,
@@ -121,84 +113,3 @@ class Limits:
                 del self._streams[user]
 
         return release
-
-    def interceptor(self) -> LimitsInterceptor:
-        return LimitsInterceptor(self)
-
-
-class LimitsInterceptor(grpc.aio.ServerInterceptor):
-    """Counts every call but health and reflection for OBSERVATORY_MAX_CONCURRENT_RPCS.
-    It runs first, before the caller is known, so it only marks a call that
-    finds the worker full; the main interceptor then refuses it through
-    `Limits.admit`, with the same error mapping, access log and metrics as
-    every other error."""
-
-    def __init__(self, limits: Limits) -> None:
-        self._limits = limits
-        self._wrapped: dict[str, tuple[Handler, Handler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(UNLIMITED_PREFIXES):
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    def _wrap(self, handler: Handler) -> Handler:
-        decode, encode = handler.request_deserializer, handler.response_serializer
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._single(handler.unary_unary), decode, encode
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._single(handler.stream_unary), decode, encode
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streamed(handler.unary_stream), decode, encode
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._streamed(handler.stream_stream), decode, encode
-        )
-
-    def _single(self, behaviour: Any) -> Callable[..., Awaitable[Any]]:
-        limits = self._limits
-
-        async def handle(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            if not limits.enter_rpc():
-                _over_rpc_limit.set(True)
-                return await behaviour(request, context)
-            try:
-                return await behaviour(request, context)
-            finally:
-                limits.leave_rpc()
-
-        return handle
-
-    def _streamed(self, behaviour: Any) -> Callable[..., AsyncIterator[Any]]:
-        limits = self._limits
-
-        async def handle(
-            request: Any, context: grpc.aio.ServicerContext[Any, Any]
-        ) -> AsyncIterator[Any]:
-            admitted = limits.enter_rpc()
-            if not admitted:
-                _over_rpc_limit.set(True)
-            try:
-                async for response in behaviour(request, context):
-                    yield response
-            finally:
-                if admitted:
-                    limits.leave_rpc()
-
-        return handle
