@@ -39,6 +39,16 @@ def timestamp_field(message: Message, name: str, field: str | None = None) -> da
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def timestamp_value(ts: timestamp_pb2.Timestamp) -> datetime | None:
+    """A Timestamp as `timestamp_field` reads it, or None when it is out of the
+    service's range (the caller decides what to say): the fast path of bulk
+    streams, which read a row's timestamps directly."""
+    seconds, nanos = ts.seconds, ts.nanos
+    if not (0 <= nanos < 1_000_000_000) or not (MIN_SECONDS <= seconds <= MAX_SECONDS):
+        return None
+    return _EPOCH + timedelta(seconds=seconds, microseconds=nanos // 1000)
+
+
 def set_timestamp(target: timestamp_pb2.Timestamp, value: datetime) -> None:
     """Like Timestamp.FromDatetime for an aware datetime, at a fifth of the cost
     (it runs for every timestamp of every row served).
@@ -58,6 +68,35 @@ def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
     """A Struct as plain JSON values. Raises ValueError for what JSON and
     PostgreSQL cannot hold: NaN, infinities and NUL characters."""
     return {_text(key): _json_value(item) for key, item in value.fields.items()}
+
+
+def flat_struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any] | None:
+    """`struct_to_dict` for the common Struct, whose values are all strings,
+    finite numbers, booleans or nulls: one pass, no recursion. None for
+    anything else (a nested object or list, NaN, an infinity, a NUL), which
+    `struct_to_dict` then converts or refuses with its message."""
+    result: dict[str, Any] = {}
+    for key, item in value.fields.items():
+        kind = item.WhichOneof("kind")
+        if kind == "string_value":
+            text = item.string_value
+            if "\x00" in text:
+                return None
+            result[key] = text
+        elif kind == "number_value":
+            number = item.number_value
+            if not math.isfinite(number):
+                return None
+            result[key] = number
+        elif kind == "bool_value":
+            result[key] = item.bool_value
+        elif kind == "struct_value" or kind == "list_value":
+            return None
+        else:
+            result[key] = None
+        if "\x00" in key:
+            return None
+    return result
 
 
 def _json_value(value: struct_pb2.Value) -> Any:
@@ -107,3 +146,36 @@ def mask_fields(
                 f"update_mask.paths[{i}]", f"{errors.quote(path)} is not a field of {message_name}"
             )
     return frozenset(fields)
+
+
+# Struct fields that JSONB stores (Content.raw_metadata, Item.metadata): at
+# most this many bytes encoded and this deep in objects and arrays.
+MAX_STRUCT_BYTES = 1024 * 1024
+MAX_STRUCT_DEPTH = 20
+
+
+def bounded_struct(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """`struct` as a dict that JSONB can hold (finite numbers, no NUL), within
+    MAX_STRUCT_BYTES and MAX_STRUCT_DEPTH; INVALID_ARGUMENT naming `field`
+    otherwise."""
+    if struct.ByteSize() > MAX_STRUCT_BYTES:
+        raise errors.InvalidArgument(field, f"is larger than {MAX_STRUCT_BYTES} bytes (encoded)")
+    try:
+        value = struct_to_dict(struct)
+    except ValueError as error:
+        raise errors.InvalidArgument(field, str(error)) from None
+    if _nesting(value) > MAX_STRUCT_DEPTH:
+        raise errors.InvalidArgument(
+            field, f"nests objects and arrays more than {MAX_STRUCT_DEPTH} deep"
+        )
+    return value
+
+
+def _nesting(value: dict[str, Any] | list[Any]) -> int:
+    """How deep objects and arrays nest in `value` (1: no object or array inside)."""
+    inner = [
+        item
+        for item in (value.values() if isinstance(value, dict) else value)
+        if isinstance(item, dict | list)
+    ]
+    return 1 + max(map(_nesting, inner), default=0)

@@ -16,13 +16,17 @@ from observatory.v1 import content_pb2
 
 from server import errors, validate
 from server.protoconv import (
+    MAX_STRUCT_BYTES,
+    MAX_STRUCT_DEPTH,
+    bounded_struct,
     dict_to_struct,
+    flat_struct_to_dict,
     optional_uuid,
     set_timestamp,
-    struct_to_dict,
     timestamp_field,
+    timestamp_value,
 )
-from server.urls import normalize_url
+from server.urls import _normalized_query, normalize_url
 
 TEXT_FIELDS = (
     "platform",
@@ -83,8 +87,8 @@ MAX_TERMS = 1000
 # (about its size as JSON), and objects and arrays nested at most
 # MAX_METADATA_DEPTH deep. (The protobuf decoder itself refuses a message that
 # nests a Struct deeper than about 31 levels, as a whole.)
-MAX_METADATA_BYTES = 1024 * 1024
-MAX_METADATA_DEPTH = 20
+MAX_METADATA_BYTES = MAX_STRUCT_BYTES
+MAX_METADATA_DEPTH = MAX_STRUCT_DEPTH
 _LANGUAGE = re.compile(r"[A-Za-z]{2,3}(-[A-Za-z0-9]{1,8})*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -161,31 +165,8 @@ def writable_values(
 
 
 def metadata_value(struct: struct_pb2.Struct) -> dict[str, Any]:
-    """raw_metadata as a dict that JSONB can hold: finite numbers, no NUL;
-    within MAX_METADATA_BYTES and MAX_METADATA_DEPTH."""
-    if struct.ByteSize() > MAX_METADATA_BYTES:
-        raise errors.InvalidArgument(
-            "raw_metadata", f"is larger than {MAX_METADATA_BYTES} bytes (encoded)"
-        )
-    try:
-        value = struct_to_dict(struct)
-    except ValueError as error:
-        raise errors.InvalidArgument("raw_metadata", str(error)) from None
-    if _nesting(value) > MAX_METADATA_DEPTH:
-        raise errors.InvalidArgument(
-            "raw_metadata", f"nests objects and arrays more than {MAX_METADATA_DEPTH} deep"
-        )
-    return value
-
-
-def _nesting(value: dict[str, Any] | list[Any]) -> int:
-    """How deep objects and arrays nest in `value` (1: no object or array inside)."""
-    inner = [
-        item
-        for item in (value.values() if isinstance(value, dict) else value)
-        if isinstance(item, dict | list)
-    ]
-    return 1 + max(map(_nesting, inner), default=0)
+    """raw_metadata as a dict that JSONB can hold (see protoconv.bounded_struct)."""
+    return bounded_struct(struct, "raw_metadata")
 
 
 def check_complete(values: Mapping[str, Any]) -> None:
@@ -219,13 +200,147 @@ def normalized_url(url: str | None) -> str | None:
     return normalized
 
 
+_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...]:
-    """One COPY record (INSERT_COLUMNS order); raw_metadata as JSON text."""
+    """One COPY record (INSERT_COLUMNS order); raw_metadata as JSON text.
+
+    The record of a row that is plainly valid is made in one pass
+    (`_plain_record`, the bulk of any ingest); any other row goes through
+    `new_content_values`, which refuses it, naming the field, exactly as
+    CreateContent would, or converts what the quick checks would not vouch for."""
+    record = _plain_record(message, owner_id)
+    if record is not None:
+        return record
     values = new_content_values(message, owner_id)
-    values["raw_metadata"] = json.dumps(
-        values["raw_metadata"], separators=(",", ":"), ensure_ascii=False
-    )
+    values["raw_metadata"] = _to_json(values["raw_metadata"])
     return tuple(values[column] for column in INSERT_COLUMNS)
+
+
+# (text field, the length up to which a value of it is within its limits
+# whatever its characters), in INSERT_COLUMNS order: a longer value may still
+# be valid, and gets the full check.
+_PLAIN_TEXT_LENGTHS = tuple(
+    (
+        name,
+        min(MAX_CHARS.get(name, MAX_TEXT), MAX_INDEXED_BYTES[name] // 4)
+        if name in MAX_INDEXED_BYTES
+        else MAX_CHARS.get(name, MAX_TEXT),
+    )
+    for name in TEXT_FIELDS
+)
+_PLAIN_TERM_LENGTH = MAX_KEY_BYTES // 4
+# An absolute http(s) URL that urlsplit takes apart exactly as the groups do
+# (host, path, query; the fragment dropped), given only printable ASCII and no
+# space: a host name of letters, digits, dots and hyphens (no port, no user
+# info, no IPv6 literal, no trailing dot), then a path, query and fragment.
+_PLAIN_URL = re.compile(
+    r"https?://([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(/[^?#]*)?(?:\?([^#]*))?(?:#.*)?"
+)
+
+
+def _plain_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...] | None:
+    """The record `new_content_values` would make of a row, from checks that
+    only vouch for plainly valid values; None whenever one cannot (a long or
+    unusual value, or one that is invalid), for the full checks to decide.
+    Only raw_metadata, the last field the full checks look at, may be refused
+    here, once every other field is known to be valid: by the full check's
+    own code, so with its message."""
+    texts: list[str | None] = []
+    for name, plain_length in _PLAIN_TEXT_LENGTHS:
+        value: str = getattr(message, name)
+        if not value:
+            texts.append(None)
+        elif len(value) > plain_length or "\x00" in value:
+            return None
+        else:
+            texts.append(value)
+    platform, _, _, _, title, text_content, url, language = texts[:8]
+    if not platform or not (title or text_content or url):
+        return None
+    if language is not None and not _LANGUAGE.fullmatch(language):
+        return None
+    normalized = None
+    if url is not None:
+        normalized = _plain_normalized_url(url)
+        if normalized is None:
+            return None
+    if not message.HasField("published_at"):
+        return None
+    published = timestamp_value(message.published_at)
+    if published is None:
+        return None
+    collected = None
+    if message.HasField("collected_at"):
+        collected = timestamp_value(message.collected_at)
+        if collected is None:
+            return None
+    counts: list[int | None] = []
+    for name in COUNT_FIELDS:
+        if message.HasField(name):  # type: ignore[arg-type]
+            count: int = getattr(message, name)
+            if count < 0:
+                return None
+            counts.append(count)
+        else:
+            counts.append(None)
+    author_id = None
+    if message.author_id:
+        try:
+            author_id = optional_uuid(message.author_id, "author_id")
+        except errors.InvalidArgument:
+            return None
+    terms = list(message.search_terms_matched)
+    if len(terms) > MAX_TERMS:
+        return None
+    for term in terms:
+        if len(term) > _PLAIN_TERM_LENGTH or "\x00" in term:
+            return None
+    metadata_struct = message.raw_metadata
+    metadata: dict[str, Any] | None = None
+    if metadata_struct.ByteSize() <= MAX_METADATA_BYTES:
+        metadata = flat_struct_to_dict(metadata_struct)
+    if metadata is None:
+        # Nested, or to be refused: the full conversion, whose errors are the
+        # same as the full path's (every other field is valid by now).
+        metadata = metadata_value(metadata_struct)
+    return (
+        owner_id,
+        *texts,
+        published,
+        collected,
+        author_id,
+        *counts,
+        terms,
+        _to_json(metadata),
+        content_hash(title, text_content),
+        normalized,
+    )
+
+
+def _plain_normalized_url(url: str) -> str | None:
+    """`normalized_url(url)` of an http(s) URL that `_check_url` accepts, with
+    one regular expression instead of two urlsplit calls; None for any URL
+    the expression does not vouch for."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return None
+    match = _PLAIN_URL.fullmatch(url)
+    if match is None:
+        return None
+    host, path, query = match.groups()
+    host = host.lower()
+    if host.startswith("www."):
+        host = host[4:]
+        if not host:
+            return None
+    normalized = f"https://{host}{path.rstrip('/') if path else ''}"
+    query = _normalized_query(query) if query else ""
+    if query:
+        normalized = f"{normalized}?{query}"
+    if len(normalized) > MAX_KEY_BYTES:  # ASCII: characters are bytes
+        return None
+    return normalized
 
 
 def to_proto(
