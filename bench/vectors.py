@@ -56,12 +56,16 @@ DATABASE = f"observatory_bench_{SUITE}"
 RESULTS = RESULTS_DIR / f"{SUITE}.md"
 SECRET = "observatory-bench-secret-that-is-long-enough-for-hs256"
 COLLECTION = "bench"
+# The raw load baseline's own collection (made and deleted by the bench).
+RAW_COLLECTION = "bench_raw"
 SEARCH_SIMILAR = "/observatory.v1.VectorService/SearchSimilar"
 TOP_K = 10
 EF_SEARCHES = (40, 100)
 CLIENTS = (1, 8)
 RECALL_TARGET = 0.95
 THROUGHPUT_TARGET = 0.5
+# UpsertItems against one raw binary COPY into the same collection storage.
+LOAD_TARGET = 0.8
 # The raw baseline's session settings, the service's: per pooled connection,
 # set (one round trip) only when they change.
 SEARCH_SETTINGS = (
@@ -168,7 +172,8 @@ def parse_args(argv: Sequence[str] | None) -> Config:
     parser.add_argument(
         "--profile",
         action="store_true",
-        help="py-spy the server during its SearchSimilar runs (.data/bench/profiles)",
+        help="py-spy the server during its UpsertItems load and SearchSimilar runs "
+        "(.data/bench/profiles)",
     )
     parser.add_argument(
         "--workers",
@@ -321,7 +326,7 @@ class Bench:
             )
             collection = await self._defer_index()
             await self._load(stub, data)
-            await self._raw_copy(data)
+            await self._raw_copy(stub, data)
             await self._build_index(collection)
             truth = true_neighbours(data, queries, TOP_K)
             await self._recall(stub, queries, truth)
@@ -369,9 +374,20 @@ class Bench:
             for message in messages:
                 yield message
 
-        started = time.perf_counter()
-        response = await stub.UpsertItems(stream(), metadata=self.metadata, timeout=3600)
-        seconds = time.perf_counter() - started
+        conn = await self._connect()
+        try:
+            await conn.execute("CHECKPOINT")  # as before the raw COPY
+        finally:
+            await conn.close()
+        spy = (
+            profile.sampled(self.server_pid, DATA_DIR / "profiles" / "upsert_items.raw")
+            if self.config.profile
+            else contextlib.nullcontext()
+        )
+        with spy:
+            started = time.perf_counter()
+            response = await stub.UpsertItems(stream(), metadata=self.metadata, timeout=3600)
+            seconds = time.perf_counter() - started
         if response.upserted != len(data) or response.error_count:
             raise RuntimeError(f"UpsertItems stored {response.upserted}: {response.errors[:3]}")
         self.results.notes.append(
@@ -381,30 +397,90 @@ class Bench:
         )
         self._load_rate = len(data) / seconds
 
-    async def _raw_copy(self, data: np.ndarray) -> None:
-        say("raw COPY of the same records into a plain table")
-        records = [(f"v{i}", data[i], f'{{"cluster":{float(i % 100)}}}') for i in range(len(data))]
+    async def _raw_copy(self, stub: vector_pb2_grpc.VectorServiceStub, data: np.ndarray) -> None:
+        """The load's baseline: one raw binary COPY of the same records into a
+        fresh collection's own partition (made by CreateCollection, its HNSW
+        index dropped as for the service's load: the same primary key, GIN and
+        URL indexes in place), in one transaction on one connection. Also, as
+        an extra line, the same COPY into a plain table with only a primary key."""
+        say("raw COPY of the same records into a fresh collection's partition")
+        await stub.CreateCollection(
+            vector_pb2.CreateCollectionRequest(
+                collection=vector_pb2.Collection(
+                    name=RAW_COLLECTION, dimension=self.config.dimension
+                )
+            ),
+            metadata=self.metadata,
+        )
         conn = await self._connect()
         try:
+            target = await conn.fetchrow(
+                "SELECT id, owner_id FROM vector_collections WHERE owner_id = $1 AND name = $2",
+                self.user_id,
+                RAW_COLLECTION,
+            )
+            partition = f"vector_items_{target['id'].hex}"
+            await conn.execute(f'DROP INDEX "{partition}_hnsw"')
+            records = [
+                (
+                    target["id"],
+                    target["owner_id"],
+                    f"v{i}",
+                    data[i],
+                    f'{{"cluster":{float(i % 100)}}}',
+                )
+                for i in range(len(data))
+            ]
+            await conn.execute("CHECKPOINT")
+            started = time.perf_counter()
+            async with conn.transaction():
+                await conn.copy_records_to_table(
+                    partition,
+                    records=records,
+                    columns=("collection_id", "owner_id", "id", "embedding", "metadata"),
+                )
+            seconds = time.perf_counter() - started
+            plain = [
+                (f"v{i}", data[i], f'{{"cluster":{float(i % 100)}}}') for i in range(len(data))
+            ]
             await conn.execute(
                 "CREATE TABLE bench_raw_copy (id text PRIMARY KEY, embedding vector, metadata jsonb)"
             )
             started = time.perf_counter()
             await conn.copy_records_to_table(
-                "bench_raw_copy", records=records, columns=("id", "embedding", "metadata")
+                "bench_raw_copy", records=plain, columns=("id", "embedding", "metadata")
             )
-            seconds = time.perf_counter() - started
+            plain_seconds = time.perf_counter() - started
             await conn.execute("DROP TABLE bench_raw_copy")
         finally:
             await conn.close()
-        raw_rate = len(data) / seconds
+        await stub.DeleteCollection(
+            vector_pb2.DeleteCollectionRequest(name=RAW_COLLECTION), metadata=self.metadata
+        )
+        raw_rate, plain_rate = len(data) / seconds, len(data) / plain_seconds
+        say(
+            f"    UpsertItems {self._load_rate:,.0f}/s, raw COPY into a collection's partition "
+            f"{raw_rate:,.0f}/s (ratio {self._load_rate / raw_rate:.2f}), into a plain table "
+            f"{plain_rate:,.0f}/s"
+        )
+        label = f"load {len(data):,} x {self.config.dimension} (UpsertItems stream, no HNSW yet)"
         self.results.rows.append(
             Row(
-                f"load {len(data):,} x {self.config.dimension} (UpsertItems stream, no HNSW yet)",
+                label,
                 self._load_rate,
                 raw_rate,
                 "items/s",
-                "raw asyncpg binary COPY into a plain table",
+                "one raw asyncpg binary COPY into a fresh collection's partition, same indexes",
+                LOAD_TARGET,
+            )
+        )
+        self.results.rows.append(
+            Row(
+                label,
+                self._load_rate,
+                plain_rate,
+                "items/s",
+                "raw asyncpg binary COPY into a plain table with a primary key only",
             )
         )
 
@@ -522,6 +598,41 @@ class Bench:
         finally:
             await pool.close()
 
+    def h2load_rate(self, label: str, method: str, body: Path, streams: int) -> float:
+        """h2load's rate for `streams` calls of `body` in flight (on as many
+        connections as the server has workers, so each worker gets its share),
+        every call checked OK in the access log; the CPU each process group used
+        meanwhile is recorded under `label`."""
+        assert self.server is not None
+        connections = max(1, min(self.config.workers, streams))
+        since = self.server.log_size()
+        meter = CpuMeter({"server": [self.server_pid], "postgres": [postmaster_pid() or 0]})
+        meter.start()
+        result = h2.run(
+            self.h2load,
+            port=self.port,
+            method=method,
+            body=body,
+            token=self.token,
+            duration=self.config.duration,
+            warmup=self.config.warmup,
+            clients=connections,
+            streams=streams // connections,
+        )
+        self.results.cpu.append((label, result.rate, meter.stop()))
+        statuses = access_log_statuses(self.server, since, method)
+        # (h2load may count one 2xx fewer than requests done: the last
+        # stream's trailers arrive after its clock stopped.)
+        failures = result.failed + result.errored + result.timeouts
+        if (
+            failures
+            or result.succeeded != result.done
+            or set(statuses) != {"OK"}
+            or sum(statuses.values()) < result.done
+        ):
+            raise RuntimeError(f"h2load: {dict(statuses)}\n{result.output}")
+        return result.rate
+
     async def _throughput_h2load(
         self, pool: asyncpg.Pool, applied: dict[int, int], sql: str, query: np.ndarray
     ) -> None:
@@ -542,39 +653,14 @@ class Bench:
             for clients in CLIENTS:
                 label = f"top {TOP_K}, ef_search {ef_search}, {clients} stream(s), h2load"
                 say(f"SearchSimilar {label}")
-                since = self.server.log_size()
-                meter = CpuMeter({"server": [self.server_pid], "postgres": [postmaster_pid() or 0]})
-                meter.start()
-                result = h2.run(
-                    self.h2load,
-                    port=self.port,
-                    method=SEARCH_SIMILAR,
-                    body=body,
-                    token=self.token,
-                    duration=self.config.duration,
-                    warmup=self.config.warmup,
-                    clients=1,
-                    streams=clients,
-                )
-                self.results.cpu.append((f"ours, {label}", result.rate, meter.stop()))
-                statuses = access_log_statuses(self.server, since, SEARCH_SIMILAR)
-                # (h2load may count one 2xx fewer than requests done: the last
-                # stream's trailers arrive after its clock stopped.)
-                failures = result.failed + result.errored + result.timeouts
-                if (
-                    failures
-                    or result.succeeded != result.done
-                    or set(statuses) != {"OK"}
-                    or sum(statuses.values()) < result.done
-                ):
-                    raise RuntimeError(f"h2load: {dict(statuses)}\n{result.output}")
+                rate_ = self.h2load_rate(f"ours, {label}", SEARCH_SIMILAR, body, clients)
                 raw_rate = await self._metered(f"raw, {label}", raw, clients)
-                say(f"    ours {result.rate:,.0f}/s, raw {raw_rate:,.0f}/s")
+                say(f"    ours {rate_:,.0f}/s, raw {raw_rate:,.0f}/s")
                 self.results.rows.append(
                     Row(
                         f"SearchSimilar top {TOP_K}, ef_search {ef_search}, {clients} "
                         f"stream{'s' if clients > 1 else ''} from h2load, one query",
-                        result.rate,
+                        rate_,
                         raw_rate,
                         "queries/s",
                         "raw asyncpg, same SQL, same query",
@@ -689,6 +775,11 @@ class Additions:
                 rows = await raw_search(conn, applied, sql, query, TOP_K, ef_search)
             assert len(rows) == TOP_K
 
+        async def raw_one(i: int) -> None:
+            async with pool.acquire() as conn:
+                rows = await raw_search(conn, applied, sql, queries[0], TOP_K, ef_search)
+            assert len(rows) == TOP_K
+
         try:
             label = f"ef_search {ef_search}, {BATCH_CLIENTS} clients"
             say(f"SearchSimilarBatch, {label}")
@@ -697,8 +788,26 @@ class Additions:
                 f"ours, batch of {BATCH_QUERIES}, {label}", sixteen, BATCH_CLIENTS
             )
             raw_rate = await bench._metered(f"raw, one query per statement, {label}", raw, 8)
+            # The same with h2load (C) as the client and one constant query on
+            # both sides: what the service itself costs.
+            h2_label = f"ef_search {ef_search}, {BATCH_CLIENTS} streams, h2load, one query"
+            body = h2.grpc_body(singles[0], DATA_DIR / "files" / f"{SUITE}-batch1.bin")
+            h2_rate = bench.h2load_rate(
+                f"ours, batch of 1, {h2_label}", SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
+            )
+            raw_one_rate = await bench._metered(f"raw, {h2_label}", raw_one, 8)
         finally:
             await pool.close()
+        self.results.rows.append(
+            Row(
+                f"SearchSimilarBatch, 1 query per call, top {TOP_K}, {h2_label}",
+                h2_rate,
+                raw_one_rate,
+                "queries/s",
+                "raw asyncpg, the same SELECT, the same query, 8 coroutines",
+                BATCH_TARGET,
+            )
+        )
         say(
             f"    1/call {self.one_rate:,.0f}/s, 16/call {calls * 16:,.0f}/s, raw {raw_rate:,.0f}/s"
         )

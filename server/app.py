@@ -178,7 +178,7 @@ async def create_server(settings: Settings, database_url: str) -> App:
     )
     credit_pb2_grpc.add_CreditServiceServicer_to_server(CreditServicer(credits, units), registry)
     vector_pb2_grpc.add_VectorServiceServicer_to_server(
-        VectorServicer(VectorService(units), units), registry
+        VectorServicer(VectorService(units), units, limits), registry
     )
     network_pb2_grpc.add_NetworkServiceServicer_to_server(NetworkServicer(units, limits), registry)
     health = health_aio.HealthServicer()

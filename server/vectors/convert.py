@@ -13,7 +13,15 @@ from google.protobuf import struct_pb2
 from observatory.v1 import vector_pb2
 
 from server import errors, validate
-from server.protoconv import dict_to_struct, optional_uuid, set_timestamp, struct_to_dict
+from server.protoconv import (
+    MAX_STRUCT_BYTES,
+    MAX_STRUCT_DEPTH,
+    bounded_struct,
+    dict_to_struct,
+    optional_uuid,
+    set_timestamp,
+    struct_to_dict,
+)
 from server.urls import normalize_url
 from server.vectors import filters
 from server.vectors.repository import (
@@ -21,6 +29,7 @@ from server.vectors.repository import (
     CollectionSpec,
     Hits,
     SimilarSearch,
+    binary_vectors,
     dump_json,
 )
 
@@ -42,6 +51,10 @@ MAX_GROUP_SIZE = 1000
 # Item.text: the documented limit (only its first 100,000 characters are
 # searchable, see tables.ITEM_SEARCH_VECTOR).
 MAX_ITEM_TEXT_CHARS = validate.MAX_TEXT_CHARS
+# Item.metadata: at most this many bytes as the Struct's protobuf encoding
+# (about its size as JSON), objects and arrays nested at most this deep.
+MAX_ITEM_METADATA_BYTES = MAX_STRUCT_BYTES
+MAX_ITEM_METADATA_DEPTH = MAX_STRUCT_DEPTH
 
 METRICS = {
     vector_pb2.METRIC_UNSPECIFIED: "cosine",
@@ -176,20 +189,83 @@ def metadata_json(value: struct_pb2.Struct, field: str) -> str:
         raise errors.InvalidArgument(field, str(exc)) from None
 
 
-def item_record(item: vector_pb2.Item, spec: CollectionSpec) -> tuple[Any, ...]:
-    """One COPY record (repository.STAGED_COLUMNS order); fields relative to the item."""
-    vector = vector_value(item.vector, spec, "vector")
-    url = validate.text(item.url, "url", max_bytes=validate.MAX_KEY_BYTES) or None
-    return (
-        check_item_id(item.id, "id"),
-        vector if spec.precision == "float32" else None,
-        vector if spec.precision == "float16" else None,
-        validate.text(item.text, "text", max_chars=MAX_ITEM_TEXT_CHARS) or None,
-        metadata_json(item.metadata, "metadata"),
-        optional_uuid(item.content_id, "content_id"),
-        url,
-        normalize_url(url),
-    )
+def item_records(
+    items: Sequence[vector_pb2.Item], spec: CollectionSpec
+) -> list[tuple[Any, ...] | errors.InvalidArgument]:
+    """Per item, its COPY record (repository.STAGED_COLUMNS order) or why it is
+    refused (fields relative to the item). The vectors of all `items` are
+    converted and checked together, with one numpy call each."""
+    vectors, problems = _item_vectors(items, spec)
+    half = spec.precision == "float16"
+    out: list[tuple[Any, ...] | errors.InvalidArgument] = []
+    for item, vector, problem in zip(items, vectors, problems, strict=True):
+        if problem is not None:
+            out.append(errors.InvalidArgument("vector", problem))
+            continue
+        try:
+            url = validate.text(item.url, "url", max_bytes=validate.MAX_KEY_BYTES) or None
+            out.append(
+                (
+                    check_item_id(item.id, "id"),
+                    None if half else vector,
+                    vector if half else None,
+                    validate.text(item.text, "text", max_chars=MAX_ITEM_TEXT_CHARS) or None,
+                    item_metadata(item.metadata),
+                    optional_uuid(item.content_id, "content_id"),
+                    url,
+                    normalize_url(url),
+                )
+            )
+        except errors.InvalidArgument as error:
+            out.append(error)
+    return out
+
+
+def _item_vectors(
+    items: Sequence[vector_pb2.Item], spec: CollectionSpec
+) -> tuple[list[Any], list[str | None]]:
+    """The items' vectors in the collection's binary form, and per item why its
+    vector is refused (None: it is not), as `vector_value` would refuse it."""
+    dimension = spec.dimension
+    problems: list[str | None] = [
+        None
+        if (size := len(item.vector)) == dimension
+        else f"has {size} values; the collection's dimension is {dimension}"
+        for item in items
+    ]
+    matrix = np.zeros((len(items), dimension), np.float32)
+    sized = [i for i, problem in enumerate(problems) if problem is None]
+    if len(sized) == len(items):
+        matrix[:] = np.asarray([item.vector for item in items], np.float32).reshape(matrix.shape)
+    elif sized:
+        matrix[sized] = np.asarray([items[i].vector for i in sized], np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        finite = np.logical_and.reduce(np.isfinite(matrix), axis=1)
+        # Each value fits a float32 but their norm may not: every distance to
+        # such a vector would be NaN or infinite.
+        norm_finite = np.isfinite(np.linalg.norm(matrix, axis=1))
+        beyond_half = (
+            np.abs(matrix).max(axis=1) > FLOAT16_MAX
+            if spec.precision == "float16"
+            else np.zeros(len(items), bool)
+        )
+    for i in np.flatnonzero(~finite | ~norm_finite | beyond_half):
+        if problems[i] is not None:
+            continue
+        if not finite[i]:
+            problems[i] = "must hold finite numbers only (no NaN or infinity)"
+        elif not norm_finite[i]:
+            problems[i] = "has values so large that its norm overflows"
+        else:
+            problems[i] = f"holds a value beyond float16's range (|value| <= {FLOAT16_MAX:g})"
+    return binary_vectors(matrix, spec.precision), problems
+
+
+def item_metadata(value: struct_pb2.Struct) -> str:
+    """Item.metadata as JSON (within the bounds of protoconv.bounded_struct)."""
+    if not value.fields:  # most items carry none: skip the conversion
+        return "{}"
+    return dump_json(bounded_struct(value, "metadata"))
 
 
 def filter_json(value: struct_pb2.Struct, field: str = "filter") -> str | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from functools import lru_cache
 from typing import Any
 
 import asyncpg
+import numpy as np
 from pgvector import HalfVector, Vector
 from sqlalchemy import bindparam, select, tuple_
 from sqlalchemy.dialects.postgresql import insert
@@ -226,6 +228,47 @@ async def with_vector_codecs(uow: UnitOfWork) -> UnitOfWork:
     return uow
 
 
+class _BinaryVector(Vector):
+    """A vector already in PostgreSQL's binary form, which the codec sends as is."""
+
+    def __init__(self, binary: bytes) -> None:
+        self._binary = binary
+
+    def to_binary(self) -> bytes:
+        return self._binary
+
+
+class _BinaryHalfVector(HalfVector):
+    """A halfvec already in PostgreSQL's binary form, which the codec sends as is."""
+
+    def __init__(self, binary: bytes) -> None:
+        self._binary = binary
+
+    def to_binary(self) -> bytes:
+        return self._binary
+
+
+def binary_vectors(matrix: np.ndarray[Any, Any], precision: str) -> list[Vector | HalfVector]:
+    """Each row of `matrix` (float32, one vector a row) as a value for the
+    collection's column (`precision`), already in pgvector's binary form: one
+    pass over the whole matrix instead of a conversion per vector."""
+    rows, dimension = matrix.shape
+    kind: type[_BinaryVector] | type[_BinaryHalfVector] = (
+        _BinaryVector if precision == "float32" else _BinaryHalfVector
+    )
+    value_type = ">f4" if precision == "float32" else ">f2"
+    if not rows:
+        return []
+    encoded = np.empty((rows, 4 + dimension * np.dtype(value_type).itemsize), np.uint8)
+    encoded[:, :4] = np.frombuffer(struct.pack(">HH", dimension, 0), np.uint8)
+    # (Rows the caller refused may not fit a float16: they are never sent.)
+    with np.errstate(over="ignore", invalid="ignore"):
+        encoded[:, 4:] = matrix.astype(value_type).view(np.uint8).reshape(rows, -1)
+    width = encoded.shape[1]
+    data = encoded.tobytes()
+    return [kind(data[start : start + width]) for start in range(0, rows * width, width)]
+
+
 _FIND_COLLECTION = PreparedStatement(
     select(vector_collections).where(
         vector_collections.c.owner_id == bindparam("owner_id"),
@@ -331,7 +374,9 @@ class CollectionRepository:
         query = (
             select(vector_collections)
             .where(vector_collections.c.owner_id == owner_id, vector_collections.c.name == name)
-            .with_for_update(key_share=True)
+            # FOR KEY SHARE (key_share alone would be FOR NO KEY UPDATE, which
+            # queues every writer of the collection behind the one before).
+            .with_for_update(key_share=True, read=True)
         )
         row = (await self._uow.conn.execute(query)).mappings().first()
         return None if row is None else CollectionSpec.from_row(row)
@@ -409,8 +454,33 @@ class CollectionRepository:
         )
 
     # -- items ----------------------------------------------------------------------
-    # An UpsertItems stream is COPYed batch by batch into STAGING_TABLE and moved
-    # into the partition from there with one INSERT ... ON CONFLICT per batch.
+    # UpsertItems writes batch by batch, each in a transaction of its own
+    # (server.vectors.upsert): a batch of ids the collection does not hold yet is
+    # COPYed straight into the partition; any other is COPYed into STAGING_TABLE
+    # and moved into the partition from there with one INSERT ... ON CONFLICT.
+
+    async def holds_any(self, spec: CollectionSpec, ids: Sequence[str]) -> bool:
+        """Whether the collection holds an item with one of `ids` (one look-up
+        of each in the primary key)."""
+        found: bool = await self._uow.driver.fetchval(
+            f"SELECT EXISTS (SELECT FROM {spec.partition} WHERE collection_id = $1 "
+            "AND id = ANY($2::text[]) AND owner_id = $3)",
+            spec.id,
+            list(ids),
+            spec.owner_id,
+        )
+        return found
+
+    async def copy_items(self, spec: CollectionSpec, records: Sequence[tuple[Any, ...]]) -> None:
+        """COPYs `records` (STAGED_COLUMNS) into the collection's partition, in
+        binary: the load's fastest path, for ids it does not hold yet."""
+        await with_vector_codecs(self._uow)
+        collection, owner = spec.id, spec.owner_id
+        await self._uow.driver.copy_records_to_table(
+            f"vector_items_{spec.id.hex}",
+            records=[(collection, owner, *record) for record in records],
+            columns=("collection_id", "owner_id", *STAGED_COLUMNS),
+        )
 
     async def create_staging(self) -> None:
         """A session-private COPY target, dropped when the transaction ends."""
@@ -449,9 +519,6 @@ class CollectionRepository:
             last,
         )
         return rows_affected(status)
-
-    async def clear_staging(self) -> None:
-        await self._uow.driver.execute(f"TRUNCATE {STAGING_TABLE}")
 
     async def delete_items(self, spec: CollectionSpec, ids: Sequence[str]) -> int:
         status = await self._uow.driver.execute(
@@ -677,6 +744,26 @@ def _lateral(sql: str, types: Sequence[str]) -> str:
     )
 
 
+# A search's hnsw settings as a hashable value (None: an exact search).
+Settings = tuple[tuple[str, str], ...] | None
+
+
+def shared_shape(
+    spec: CollectionSpec, search: SimilarSearch
+) -> tuple[str, Settings, Params] | None:
+    """A search that can share one statement with others of its shape: its
+    SQL, its hnsw settings and its parameters. None for one that runs alone:
+    grouped (it may widen its scan) or with array parameters (a LATERAL join
+    over arrays cannot carry them)."""
+    if search.group_by is not None:
+        return None
+    sql, params = similar_statement(spec, search)
+    if any(t.endswith("[]") for t in params.types):
+        return None
+    settings = search.settings
+    return sql, None if settings is None else tuple(settings.items()), params
+
+
 # Grouped searches widen their candidates by this factor until the groups are
 # filled or the scan is exhausted; past MAX_GROUP_CANDIDATES they score every
 # match exactly.
@@ -721,42 +808,48 @@ class ItemSearch:
             wanted *= GROUP_WIDENING
 
     async def similar_batch(self, searches: Sequence[SimilarSearch]) -> list[list[asyncpg.Record]]:
-        """The hits of each search, in order. Searches of one shape (the same
-        SQL text) and the same hnsw settings run as one statement, a LATERAL
-        join over arrays of their parameters; each runs exactly the SQL it
-        would alone. Grouped searches, and those with array parameters, run
+        """The hits of each search, in order. Searches of one shape (see
+        `shared_shape`) run as one statement (`similar_shaped`); the others
         one by one."""
         results: list[list[asyncpg.Record]] = [[] for _ in searches]
-        groups: dict[tuple[Any, str], list[tuple[int, Params]]] = {}
+        shapes: dict[tuple[str, Settings], list[tuple[int, Params]]] = {}
         alone: list[int] = []
         for i, search in enumerate(searches):
-            if search.group_by is not None:
+            shape = shared_shape(self.spec, search)
+            if shape is None:
                 alone.append(i)
                 continue
-            sql, params = similar_statement(self.spec, search)
-            settings = search.settings
-            key = (None if settings is None else tuple(settings.items()), sql)
-            groups.setdefault(key, []).append((i, params))
-        for (settings, sql), members in groups.items():
-            if settings is not None:
-                await self._uow.use_settings(dict(settings))
-            types = members[0][1].types
-            if len(members) == 1 or any(t.endswith("[]") for t in types):
-                for i, params in members:
-                    results[i] = list(await self._driver.fetch(sql, *params.values))
-                continue
-            columns = [
-                [self._array_value(v, t) for v in column]
-                for column, t in zip(
-                    zip(*(params.values for _, params in members), strict=True),
-                    types,
-                    strict=True,
-                )
-            ]
-            for row in await self._driver.fetch(_lateral(sql, types), *columns):
-                results[members[row["ord"] - 1][0]].append(row)
+            sql, settings, params = shape
+            shapes.setdefault((sql, settings), []).append((i, params))
+        for (sql, settings), members in shapes.items():
+            answered = await self.similar_shaped(sql, settings, [params for _, params in members])
+            for (i, _), rows in zip(members, answered, strict=True):
+                results[i] = rows
         for i in alone:
             results[i] = await self.similar(searches[i])
+        return results
+
+    async def similar_shaped(
+        self, sql: str, settings: Settings, searches: Sequence[Params]
+    ) -> list[list[asyncpg.Record]]:
+        """The hits of searches that share `sql` and `settings` (their
+        parameters `searches`), in order: one plain statement for one search,
+        else a LATERAL join over arrays of their parameters, in which each
+        runs exactly the SQL it would alone."""
+        if settings is not None:
+            await self._uow.use_settings(dict(settings))
+        if len(searches) == 1:
+            return [list(await self._driver.fetch(sql, *searches[0].values))]
+        types = searches[0].types
+        columns = [
+            [self._array_value(v, t) for v in column]
+            for column, t in zip(
+                zip(*(params.values for params in searches), strict=True), types, strict=True
+            )
+        ]
+        results: list[list[asyncpg.Record]] = [[] for _ in searches]
+        for row in await self._driver.fetch(_lateral(sql, types), *columns):
+            results[row["ord"] - 1].append(row)
         return results
 
     @staticmethod
@@ -940,5 +1033,9 @@ async def item_search(uow: UnitOfWork, spec: CollectionSpec) -> ItemSearch:
     return ItemSearch(await with_vector_codecs(uow), spec)
 
 
+# One encoder for every call: json.dumps with options builds a new one each time.
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def dump_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return _JSON.encode(value)

@@ -17,33 +17,34 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 import asyncpg
 from cachetools import TTLCache
 from observatory.v1 import common_pb2, vector_pb2
 
-from server import bulk, deadlines, errors, idempotency, pagination, validate
+from server import deadlines, errors, idempotency, pagination, validate
 from server.audit import AuditRepository
 from server.auth import Principal
-from server.coalesce import PointReads
-from server.content.repository import ContentRepository
+from server.coalesce import Batches, PointReads
 from server.db import classify_database_error
 from server.uow import Database, UnitOfWork
 from server.urls import normalize_url
 from server.vectors import convert, filters
+from server.vectors.filters import Params
 from server.vectors.repository import (
     CollectionRepository,
     CollectionSpec,
     Hits,
+    Settings,
+    SimilarSearch,
     collections_by_key,
     item_search,
     items_by_key,
+    shared_shape,
 )
 
-UPSERT_BATCH_ITEMS = 5000
 MAX_DELETE_IDS = 10_000
 # Each ranking HybridSearch fuses contributes at least this many candidates.
 HYBRID_CANDIDATES = 100
@@ -62,6 +63,8 @@ DDL_FIRST_BACKOFF_S = 0.2
 # another process shows as.
 _VANISHED = (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError)
 _ITEM_HITS = Hits(with_vector=False, with_metadata=True)
+# Searches that can share a statement: of one collection, SQL and hnsw settings.
+Shape = tuple[CollectionSpec, str, Settings]
 _ITEM_HITS_WITH_VECTOR = Hits(with_vector=True, with_metadata=True)
 
 
@@ -108,6 +111,13 @@ class VectorService:
         )
         self._items: PointReads[tuple[uuid.UUID, str]] = PointReads(
             units, items_by_key, lambda row: (row["collection_id"], row["id"])
+        )
+        # Similarity searches, coalesced across callers by shape: the searches
+        # that arrive while one of their collection, SQL and settings is in
+        # flight run together as one LATERAL statement.
+        self._units = units
+        self._searches: Batches[Shape, Params, list[asyncpg.Record]] = Batches(
+            self._run_searches, convert.MAX_SEARCHES
         )
 
     # -- collections ------------------------------------------------------------------
@@ -184,19 +194,16 @@ class VectorService:
 
     # -- items ------------------------------------------------------------------------
 
-    async def upsert_items(
-        self,
-        uow: UnitOfWork,
-        caller: Principal,
-        first: vector_pb2.UpsertItemsRequest,
-        rest: AsyncIterator[vector_pb2.UpsertItemsRequest],
-    ) -> vector_pb2.UpsertItemsResponse:
-        name = convert.check_name(first.collection, "collection")
-        # Key-share: concurrent upserts pass, DeleteCollection waits for us.
-        spec = await CollectionRepository(uow).lock(caller.user_id, name)
+    async def upsert_target(self, uow: UnitOfWork, caller: Principal, name: str) -> CollectionSpec:
+        """The collection an UpsertItems stream writes into, as the database has
+        it now (not cached: the items are checked against it, and each batch
+        then holds it locked and checks it is still the same collection; see
+        server.vectors.upsert)."""
+        convert.check_name(name, "collection")
+        spec = await CollectionRepository(uow).find(caller.user_id, name)
         if spec is None:
             raise _not_found(name)
-        return await _Upsert(uow, caller, spec).run(first, rest)
+        return spec
 
     async def get_item(
         self, caller: Principal, request: vector_pb2.GetItemRequest
@@ -275,25 +282,21 @@ class VectorService:
         return errors.Aborted(f"collection {name!r} was re-created meanwhile; retry")
 
     async def search_similar(
-        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchSimilarRequest
+        self, caller: Principal, request: vector_pb2.SearchSimilarRequest
     ) -> list[vector_pb2.ScoredItem]:
         similar = convert.similar(request)
-        spec = await self._spec(uow, caller, request.collection)
+        spec = await self._cached_spec(caller, request.collection)
         search = replace(
             similar.search, vector=convert.vector_value(similar.vector, spec, "vector")
         )
-        searches = await item_search(uow, spec)
-        try:
-            rows = await searches.similar(search)
-        except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+        [rows] = await self._similar(caller, spec, [search])
         return convert.scored_items(rows, spec, search.hits, similar.threshold)
 
     async def search_similar_batch(
-        self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchSimilarBatchRequest
+        self, caller: Principal, request: vector_pb2.SearchSimilarBatchRequest
     ) -> vector_pb2.SearchSimilarBatchResponse:
         """Every search as SearchSimilar would answer it, in as few statements
-        as their shapes and settings allow (see ItemSearch.similar_batch)."""
+        as their shapes and settings allow."""
         if not 1 <= len(request.searches) <= convert.MAX_SEARCHES:
             raise errors.InvalidArgument(
                 "searches", f"must hold 1 to {convert.MAX_SEARCHES} searches"
@@ -301,7 +304,7 @@ class VectorService:
         checked = [
             convert.similar(query, f"searches[{i}].") for i, query in enumerate(request.searches)
         ]
-        spec = await self._spec(uow, caller, request.collection)
+        spec = await self._cached_spec(caller, request.collection)
         searches = [
             replace(
                 one.search,
@@ -309,17 +312,66 @@ class VectorService:
             )
             for i, one in enumerate(checked)
         ]
-        reads = await item_search(uow, spec)
-        try:
-            results = await reads.similar_batch(searches)
-        except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+        results = await self._similar(caller, spec, searches)
         response = vector_pb2.SearchSimilarBatchResponse()
         for rows, one, search in zip(results, checked, searches, strict=True):
             response.results.add().hits.extend(
                 convert.scored_items(rows, spec, search.hits, one.threshold)
             )
         return response
+
+    async def _similar(
+        self, caller: Principal, spec: CollectionSpec, searches: list[SimilarSearch]
+    ) -> list[list[asyncpg.Record]]:
+        """The hits of each search. Those of a shared shape go through the
+        coalesced batches (units of their own, see _run_searches); the others
+        (grouped searches) run on a read unit of their own."""
+        results: list[list[asyncpg.Record]] = [[] for _ in searches]
+        shapes: dict[Shape, list[tuple[int, Params]]] = {}
+        alone: list[int] = []
+        for i, search in enumerate(searches):
+            shape = shared_shape(spec, search)
+            if shape is None:
+                alone.append(i)
+            else:
+                sql, settings, params = shape
+                shapes.setdefault((spec, sql, settings), []).append((i, params))
+        try:
+            for key, members in shapes.items():
+                answered = await self._searches.submit(key, [params for _, params in members])
+                for (i, _), rows in zip(members, answered, strict=True):
+                    results[i] = rows
+            if alone:
+                async with self._units.read() as uow:
+                    reads = await item_search(uow, spec)
+                    for i in alone:
+                        results[i] = await reads.similar(searches[i])
+        except _VANISHED:
+            raise await self._vanished_now(caller, spec.name) from None
+        return results
+
+    async def _run_searches(
+        self, shape: Shape, searches: Sequence[Params]
+    ) -> list[list[asyncpg.Record]]:
+        spec, sql, settings = shape
+        async with self._units.driver_read() as uow:
+            reads = await item_search(uow, spec)
+            return await reads.similar_shaped(sql, settings, searches)
+
+    async def _cached_spec(self, caller: Principal, name: str) -> CollectionSpec:
+        """The caller's collection `name`, cached or looked up through the
+        coalesced reads (NOT_FOUND when it is not theirs)."""
+        convert.check_name(name, "collection")
+        key = (caller.user_id, name)
+        return self._specs.get(key) or await self._look_up(key)
+
+    async def _vanished_now(self, caller: Principal, name: str) -> Exception:
+        """_vanished, for the searches that take their units themselves."""
+        key = (caller.user_id, name)
+        self._specs.pop(key, None)
+        if await self._collections.get(key) is None:
+            return _not_found(name)
+        return errors.Aborted(f"collection {name!r} was re-created meanwhile; retry")
 
     async def search_text(
         self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchTextRequest
@@ -493,105 +545,3 @@ def _query(value: str, *, required: bool) -> str:
     if required and not value.strip():
         raise errors.InvalidArgument("query", "is required")
     return value
-
-
-# Where a staged record (stream index, then STAGED_COLUMNS) holds content_id.
-_CONTENT_ID = 6
-
-
-class _Upsert:
-    """One UpsertItems stream: validate each item, COPY good ones in batches,
-    move each batch into the collection with one upsert, report bad items by
-    their index in the whole stream."""
-
-    def __init__(self, uow: UnitOfWork, caller: Principal, spec: CollectionSpec) -> None:
-        self._uow = uow
-        self._caller = caller
-        self._spec = spec
-        self._repo = CollectionRepository(uow)
-        self._errors = bulk.ItemErrors()
-        self._received = 0
-        self._valid = 0
-
-    def _absorb(self, message: vector_pb2.UpsertItemsRequest, batch: list[tuple[Any, ...]]) -> None:
-        for item in message.items:
-            index = self._received
-            self._received += 1
-            try:
-                record = convert.item_record(item, self._spec)
-            except errors.InvalidArgument as error:
-                self._errors.add(index, error.field, error.field_violations[0][1])
-                continue
-            self._valid += 1
-            batch.append((index, *record))
-
-    async def _own_content(self, batch: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        """`batch` without the items whose content_id is not one of the
-        caller's content rows (each reported)."""
-        named = {record[_CONTENT_ID] for record in batch if record[_CONTENT_ID] is not None}
-        if not named:
-            return batch
-        foreign = named - await ContentRepository(self._uow).owned_ids(
-            list(named), self._caller.user_id
-        )
-        if not foreign:
-            return batch
-        kept = []
-        for record in batch:
-            if record[_CONTENT_ID] in foreign:
-                self._errors.refused_by_database(
-                    record[0], "content_id", "no content of yours has this ID"
-                )
-            else:
-                kept.append(record)
-        return kept
-
-    async def _flush(self, batch: list[tuple[Any, ...]]) -> None:
-        batch = await self._own_content(batch)
-        if not batch:
-            return
-        await self._repo.stage(batch)
-        repeated = len({record[1] for record in batch}) < len(batch)
-        await bulk.move_in_halves(
-            self._uow,
-            lambda first, last: self._repo.move_staged(
-                self._spec, first, last, repeated_ids=repeated
-            ),
-            batch[0][0],
-            batch[-1][0],
-            self._errors,
-        )
-        await self._repo.clear_staging()
-
-    async def run(
-        self,
-        first: vector_pb2.UpsertItemsRequest,
-        rest: AsyncIterator[vector_pb2.UpsertItemsRequest],
-    ) -> vector_pb2.UpsertItemsResponse:
-        await self._repo.create_staging()
-        batch: list[tuple[Any, ...]] = []
-        self._absorb(first, batch)
-        async for message in rest:
-            self._absorb(message, batch)
-            if len(batch) >= UPSERT_BATCH_ITEMS:
-                await self._flush(batch)
-                batch = []
-        if batch:
-            await self._flush(batch)
-        upserted = self._valid - self._errors.refused
-        await AuditRepository(self._uow.conn).record(
-            self._caller,
-            "vectors.items.upsert",
-            _resource(self._spec),
-            {
-                "name": self._spec.name,
-                "received": self._received,
-                "upserted": upserted,
-                "errors": self._errors.count,
-            },
-        )
-        response = vector_pb2.UpsertItemsResponse(
-            upserted=upserted, received=self._received, error_count=self._errors.count
-        )
-        response.errors.extend(self._errors.messages())
-        return response

@@ -9,18 +9,22 @@ import grpc
 from google.protobuf import empty_pb2
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 
+from server import bulk
 from server.auth import principal
+from server.limits import Limits
 from server.ops import metrics
 from server.uow import Database
 from server.vectors.service import VectorService
+from server.vectors.upsert import Upsert
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
-    def __init__(self, service: VectorService, units: Database) -> None:
+    def __init__(self, service: VectorService, units: Database, limits: Limits) -> None:
         self._service = service
         self._db = units
+        self._limits = limits
 
     async def CreateCollection(
         self, request: vector_pb2.CreateCollectionRequest, context: Context
@@ -52,13 +56,18 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
     async def UpsertItems(
         self, request_iterator: AsyncIterator[vector_pb2.UpsertItemsRequest], context: Context
     ) -> vector_pb2.UpsertItemsResponse:
-        # The unit opens once the first message is in: a client slow to start
-        # holds no connection.
+        caller = principal()
         first = await anext(request_iterator, None)
         if first is None:
             return vector_pb2.UpsertItemsResponse()
-        async with self._db.write() as uow:
-            return await self._service.upsert_items(uow, principal(), first, request_iterator)
+        # On the primary (a replica may not have the collection yet): one
+        # statement, so an autocommit unit.
+        async with self._db.autocommit() as uow:
+            spec = await self._service.upsert_target(uow, caller, first.collection)
+        # No unit for the stream: each batch is written in a unit of its own
+        # (server.vectors.upsert), so no connection waits on the client.
+        rest = bulk.whole_stream(request_iterator, context)
+        return await Upsert(self._db, self._limits.bulk, caller, spec).run(first, rest)
 
     async def GetItem(
         self, request: vector_pb2.GetItemRequest, context: Context
@@ -73,13 +82,13 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
             return await self._service.delete_items(uow, principal(), request)
 
     # Searches fetch their hits whole on a read unit and stream them after it
-    # has given its connection back.
+    # has given its connection back. Similarity searches are coalesced across
+    # callers (like GetItem's reads): they take their units themselves.
 
     async def SearchSimilar(
         self, request: vector_pb2.SearchSimilarRequest, context: Context
     ) -> AsyncIterator[vector_pb2.ScoredItem]:
-        async with self._db.read() as uow:
-            hits = await self._service.search_similar(uow, principal(), request)
+        hits = await self._service.search_similar(principal(), request)
         metrics.SEARCHES_SIMILAR.inc()
         for hit in hits:
             yield hit
@@ -111,8 +120,7 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
     async def SearchSimilarBatch(
         self, request: vector_pb2.SearchSimilarBatchRequest, context: Context
     ) -> vector_pb2.SearchSimilarBatchResponse:
-        async with self._db.read() as uow:
-            response = await self._service.search_similar_batch(uow, principal(), request)
+        response = await self._service.search_similar_batch(principal(), request)
         metrics.SEARCHES_SIMILAR.inc(len(request.searches))
         return response
 

@@ -180,11 +180,6 @@ async def _raise(error: Exception) -> None:
     raise error
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UpsertItems still holds one write unit for its whole stream; it passes once "
-    "server.vectors adopts server.bulk (then remove this marker)",
-)
 async def test_idle_upsert_streams_after_their_first_message_hold_no_connection(
     database_url,
 ):
