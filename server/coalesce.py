@@ -36,12 +36,16 @@ Run = Callable[[G, Sequence[T]], Awaitable[Sequence[R]]]
 
 
 class Batches(Generic[G, T, R]):
-    """Work items answered in batches of at most `max_batch`, per group."""
+    """Work items answered in batches of at most `max_batch`, per group, with
+    at most `max_in_flight` batches of a group running at once: one gives
+    the most sharing (cheap point reads); more keep several connections,
+    and so the database's cores, busy when each batch is costly (searches)."""
 
-    def __init__(self, run: Run[G, T, R], max_batch: int) -> None:
+    def __init__(self, run: Run[G, T, R], max_batch: int, max_in_flight: int = 1) -> None:
         self._run = run
         self._max_batch = max_batch
-        self._busy: set[G] = set()
+        self._max_in_flight = max_in_flight
+        self._in_flight: dict[G, int] = {}
         self._waiting: dict[G, list[tuple[T, asyncio.Future[R]]]] = {}
         self._drainers: set[asyncio.Task[None]] = set()
 
@@ -52,14 +56,15 @@ class Batches(Generic[G, T, R]):
             # Work that must see a given write goes on its own: a shared batch
             # is routed by whoever opened it.
             return await self._run_all(group, items)
-        if group in self._busy:
+        running = self._in_flight.get(group, 0)
+        if running >= self._max_in_flight:
             loop = asyncio.get_running_loop()
             futures = [loop.create_future() for _ in items]
             self._waiting.setdefault(group, []).extend(zip(items, futures, strict=True))
             if len(futures) == 1:
                 return [await futures[0]]
             return list(await asyncio.gather(*futures))
-        self._busy.add(group)
+        self._in_flight[group] = running + 1
         try:
             return await self._run_all(group, items)
         finally:
@@ -76,14 +81,21 @@ class Batches(Generic[G, T, R]):
         return results
 
     def _hand_over(self, group: G) -> None:
-        """After a batch: the work that queued meanwhile gets one of its own."""
+        """After a batch: its slot runs the work that queued meanwhile, or is freed."""
         if self._waiting.get(group):
             task = asyncio.get_running_loop().create_task(self._drain(group))
             self._drainers.add(task)
             task.add_done_callback(self._drainers.discard)
         else:
+            self._release(group)
+
+    def _release(self, group: G) -> None:
+        running = self._in_flight.get(group, 1) - 1
+        if running > 0:
+            self._in_flight[group] = running
+        else:
+            self._in_flight.pop(group, None)
             self._waiting.pop(group, None)
-            self._busy.discard(group)
 
     async def _drain(self, group: G) -> None:
         try:
@@ -108,10 +120,12 @@ class Batches(Generic[G, T, R]):
                     if not future.done():
                         future.set_result(result)
         finally:
-            # Cancelled (the server is stopping): nobody is left waiting forever.
-            for _, future in self._waiting.pop(group, []):
-                future.cancel()
-            self._busy.discard(group)
+            if self._in_flight.get(group, 0) <= 1:
+                # The last slot (cancelled: the server is stopping): nobody is
+                # left waiting forever.
+                for _, future in self._waiting.pop(group, []):
+                    future.cancel()
+            self._release(group)
 
 
 # Runs on `uow.driver` only (the unit is a Database.driver_read()).

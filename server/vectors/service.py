@@ -64,6 +64,12 @@ DDL_FIRST_BACKOFF_S = 0.2
 _VANISHED = (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError)
 _ITEM_HITS = Hits(with_vector=False, with_metadata=True)
 # Searches that can share a statement: of one collection, SQL and hnsw settings.
+# A shape's searches share statements of at most this many searches, with at
+# most this many of its statements running at once: an index search costs the
+# database far more than a point read, so a shape keeps a few connections
+# (and the database's cores) busy rather than queueing behind one statement.
+SEARCHES_PER_STATEMENT = 16
+SEARCH_STATEMENTS_IN_FLIGHT = 4
 Shape = tuple[CollectionSpec, str, Settings]
 _ITEM_HITS_WITH_VECTOR = Hits(with_vector=True, with_metadata=True)
 
@@ -117,7 +123,7 @@ class VectorService:
         # flight run together as one LATERAL statement.
         self._units = units
         self._searches: Batches[Shape, Params, list[asyncpg.Record]] = Batches(
-            self._run_searches, convert.MAX_SEARCHES
+            self._run_searches, SEARCHES_PER_STATEMENT, SEARCH_STATEMENTS_IN_FLIGHT
         )
 
     # -- collections ------------------------------------------------------------------

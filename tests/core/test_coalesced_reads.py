@@ -91,3 +91,33 @@ async def test_a_cancelled_caller_does_not_break_the_batch(units):
     assert (await waiters[1])["square"] == 9
     with pytest.raises(asyncio.CancelledError):
         await waiters[0]
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+async def test_batches_run_at_most_their_bound_at_once_and_answer_everyone(in_flight):
+    """Batches of one group never run more than `max_in_flight` at once, the
+    work that queued shares them, and each item gets its own result."""
+    from server.coalesce import Batches
+
+    running = {"g": 0, "h": 0}
+    most = {"g": 0, "h": 0}
+    sizes = []
+
+    async def run(group: str, items):
+        running[group] += 1
+        most[group] = max(most[group], running[group])
+        sizes.append(len(items))
+        await asyncio.sleep(0.01)
+        running[group] -= 1
+        return [(group, item * item) for item in items]
+
+    batches = Batches(run, max_batch=8, max_in_flight=in_flight)
+    calls = [batches.submit("g" if n % 3 else "h", [n, n + 1]) for n in range(60)]
+
+    answers = await asyncio.gather(*calls)
+
+    for n, answer in enumerate(answers):
+        group = "g" if n % 3 else "h"
+        assert answer == [(group, n * n), (group, (n + 1) ** 2)]
+    assert most == {"g": in_flight, "h": in_flight}  # each group at its bound, not past it
+    assert max(sizes) <= 8 and len(sizes) < 60  # shared, and cut at max_batch
