@@ -160,6 +160,9 @@ def bounded_struct(struct: struct_pb2.Struct, field: str) -> dict[str, Any]:
     otherwise."""
     if struct.ByteSize() > MAX_STRUCT_BYTES:
         raise errors.InvalidArgument(field, f"is larger than {MAX_STRUCT_BYTES} bytes (encoded)")
+    flat = flat_struct_to_dict(struct)
+    if flat is not None:  # the common case: one level, nothing to refuse
+        return flat
     try:
         value = struct_to_dict(struct)
     except ValueError as error:
