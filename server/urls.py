@@ -14,6 +14,13 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # no escapes, no '+', no '=' inside a value, nothing urlencode would quote. Ingest normalises every
 # row's URL, so this common case skips the decode/re-encode round trip.
 _PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~=&-]*")
+# An http(s) URL whose parts need no parsing: a host of letters, digits, dots
+# and hyphens (no user info, no port, no trailing dot), then path, query and
+# fragment. Ingest and upserts normalise every row's URL; this common case
+# skips urlsplit.
+_PLAIN_URL = re.compile(
+    r"https?://([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(/[^?#]*)?(?:\?([^#]*))?(?:#.*)?"
+)
 
 
 def _is_tracking(name: str) -> bool:
@@ -35,6 +42,12 @@ def normalize_url(url: str | None) -> str | None:
     """
     if url is None:
         return None
+    plain = plain_normalized_url(url)
+    return plain if plain is not None else parsed_normalized_url(url)
+
+
+def parsed_normalized_url(url: str) -> str | None:
+    """`normalize_url(url)` by parsing `url` (any URL)."""
     text = url.strip()
     if not text:
         return None
@@ -82,3 +95,24 @@ def _normalized_query(query: str) -> str:
             if not _is_tracking(name)
         )
     )
+
+
+def plain_normalized_url(url: str) -> str | None:
+    """`normalize_url(url)` of a plain http(s) URL (printable ASCII, no
+    spaces, a host of letters, digits, dots and hyphens, no port or user
+    info), by one regular expression; None for any other URL (which
+    `normalize_url` then parses)."""
+    if not url.isascii() or not url.isprintable() or " " in url:
+        return None
+    match = _PLAIN_URL.fullmatch(url)
+    if match is None:
+        return None
+    host, path, query = match.groups()
+    host = host.lower()
+    if host.startswith("www."):
+        host = host[4:]
+        if not host:
+            return None
+    normalized = f"https://{host}{path.rstrip('/') if path else ''}"
+    query = _normalized_query(query) if query else ""
+    return f"{normalized}?{query}" if query else normalized

@@ -26,7 +26,7 @@ from server.protoconv import (
     timestamp_field,
     timestamp_value,
 )
-from server.urls import _normalized_query, normalize_url
+from server.urls import normalize_url, plain_normalized_url
 
 TEXT_FIELDS = (
     "platform",
@@ -231,15 +231,12 @@ _PLAIN_TEXT_LENGTHS = tuple(
     for name in TEXT_FIELDS
 )
 _PLAIN_TERM_LENGTH = MAX_KEY_BYTES // 4
+
+
 # An absolute http(s) URL that urlsplit takes apart exactly as the groups do
 # (host, path, query; the fragment dropped), given only printable ASCII and no
 # space: a host name of letters, digits, dots and hyphens (no port, no user
 # info, no IPv6 literal, no trailing dot), then a path, query and fragment.
-_PLAIN_URL = re.compile(
-    r"https?://([A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(/[^?#]*)?(?:\?([^#]*))?(?:#.*)?"
-)
-
-
 def _plain_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...] | None:
     """The record `new_content_values` would make of a row, from checks that
     only vouch for plainly valid values; None whenever one cannot (a long or
@@ -320,25 +317,10 @@ def _plain_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[An
 
 
 def _plain_normalized_url(url: str) -> str | None:
-    """`normalized_url(url)` of an http(s) URL that `_check_url` accepts, with
-    one regular expression instead of two urlsplit calls; None for any URL
-    the expression does not vouch for."""
-    if not url.isascii() or not url.isprintable() or " " in url:
-        return None
-    match = _PLAIN_URL.fullmatch(url)
-    if match is None:
-        return None
-    host, path, query = match.groups()
-    host = host.lower()
-    if host.startswith("www."):
-        host = host[4:]
-        if not host:
-            return None
-    normalized = f"https://{host}{path.rstrip('/') if path else ''}"
-    query = _normalized_query(query) if query else ""
-    if query:
-        normalized = f"{normalized}?{query}"
-    if len(normalized) > MAX_KEY_BYTES:  # ASCII: characters are bytes
+    """`normalized_url(url)` of an http(s) URL that `_check_url` accepts and
+    urls.plain_normalized_url vouches for; None for any other URL."""
+    normalized = plain_normalized_url(url)
+    if normalized is None or len(normalized) > MAX_KEY_BYTES:  # ASCII: characters are bytes
         return None
     return normalized
 
