@@ -4,7 +4,6 @@ same request_id writes each row once and answers as the first try would have."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 from observatory.v1 import content_pb2
 
 from tests.helpers import expect_rpc_error, make_content, wait_until
+from tests.streams.helpers import BrokenStream
 
 pytestmark = pytest.mark.asyncio
 
@@ -44,31 +44,11 @@ def messages_of(rows, size: int = 500) -> list[content_pb2.IngestContentRequest]
     ]
 
 
-class BrokenStream:
-    """A stream that sends `messages`, then waits (until the test cancels it)."""
-
-    def __init__(self, stub, caller, messages) -> None:
-        self.sent = asyncio.Event()
-
-        async def requests():
-            for message in messages:
-                yield message
-            self.sent.set()
-            await asyncio.Event().wait()
-
-        self.call = stub.IngestContent(requests(), metadata=caller.metadata)
-
-    async def break_off(self) -> None:
-        self.call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await self.call
-
-
 async def test_a_client_that_disconnects_leaves_exactly_the_committed_batches(
     content_stub, alice, db, app
 ):
     rows = [make_content() for _ in range(2 * BATCH_ROWS + BATCH_ROWS // 2)]
-    stream = BrokenStream(content_stub, alice, messages_of(rows))
+    stream = BrokenStream(content_stub.IngestContent, alice, messages_of(rows))
     await stream.sent.wait()
     # Two full batches went out; the half batch waits for more rows.
     assert await wait_until(lambda: _at_least(stored_count(db, alice), 2 * BATCH_ROWS), timeout=60)
@@ -92,7 +72,7 @@ async def test_a_client_that_disconnects_while_batches_are_written_leaves_whole_
     content_stub, alice, db, app
 ):
     rows = [make_content() for _ in range(3 * BATCH_ROWS)]
-    stream = BrokenStream(content_stub, alice, messages_of(rows))
+    stream = BrokenStream(content_stub.IngestContent, alice, messages_of(rows))
     await stream.sent.wait()
     # Break off at once: batches may be in flight; each commits whole or not at all.
     await stream.break_off()
@@ -127,7 +107,7 @@ async def test_a_retry_after_a_break_writes_each_row_once_and_answers_as_one_str
 
     first = messages_of(rows[: BATCH_ROWS + 1200])
     first[0].request_id = request_id
-    stream = BrokenStream(content_stub, alice, first)
+    stream = BrokenStream(content_stub.IngestContent, alice, first)
     await stream.sent.wait()
     assert await wait_until(lambda: _at_least(stored_count(db, alice), BATCH_ROWS - 2), 60)
     await stream.break_off()
@@ -170,7 +150,7 @@ async def test_a_retry_after_a_break_with_other_rows_is_refused(content_stub, al
     rows = [make_content() for _ in range(BATCH_ROWS + 10)]
     first = messages_of(rows)
     first[0].request_id = request_id
-    stream = BrokenStream(content_stub, alice, first)
+    stream = BrokenStream(content_stub.IngestContent, alice, first)
     await stream.sent.wait()
     assert await wait_until(lambda: _at_least(stored_count(db, alice), BATCH_ROWS), 60)
     await stream.break_off()

@@ -60,3 +60,27 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class BrokenStream:
+    """A client stream of `method` (e.g. `stub.IngestContent`) that sends
+    `messages`, then waits, until the test breaks it off."""
+
+    def __init__(self, method: Any, caller: Caller, messages: Sequence[Any]) -> None:
+        self.sent = asyncio.Event()
+
+        async def requests() -> AsyncIterator[Any]:
+            for message in messages:
+                yield message
+            self.sent.set()
+            await asyncio.Event().wait()
+
+        self.call = method(requests(), metadata=caller.metadata)
+
+    async def break_off(self) -> None:
+        self.call.cancel()
+        try:
+            await self.call
+        except asyncio.CancelledError:
+            return
+        raise AssertionError("the broken-off stream still finished")

@@ -16,6 +16,7 @@ from observatory.v1 import content_pb2, content_pb2_grpc, vector_pb2, vector_pb2
 
 from tests.helpers import expect_rpc_error, make_content, new_caller, wait_until
 from tests.streams.conftest import serving
+from tests.streams.helpers import BrokenStream
 from tests.vectors.helpers import create_collection
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("drop_vector_collections")]
@@ -101,33 +102,12 @@ async def sessions_in_transaction(db) -> int:
     )
 
 
-class BrokenStream:
-    """An UpsertItems stream that sends `messages`, then waits (until the test
-    breaks it off)."""
-
-    def __init__(self, stub, caller, messages) -> None:
-        self.sent = asyncio.Event()
-
-        async def requests():
-            for message in messages:
-                yield message
-            self.sent.set()
-            await asyncio.Event().wait()
-
-        self.call = stub.UpsertItems(requests(), metadata=caller.metadata)
-
-    async def break_off(self) -> None:
-        self.call.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await self.call
-
-
 async def test_a_client_that_disconnects_leaves_exactly_the_committed_batches(
     vector_stub, alice, db, app
 ):
     name = await create_collection(vector_stub, alice, DIMENSION)
     items = make_items(2 * BATCH_ITEMS + BATCH_ITEMS // 2)
-    stream = BrokenStream(vector_stub, alice, messages_of(name, items))
+    stream = BrokenStream(vector_stub.UpsertItems, alice, messages_of(name, items))
     await stream.sent.wait()
     # Two full batches went out; the half batch waits for more items.
     assert await wait_until(lambda: _at_least(_count(db, alice, name), 2 * BATCH_ITEMS), timeout=60)
@@ -145,7 +125,7 @@ async def test_a_client_that_disconnects_while_batches_are_written_leaves_whole_
 ):
     name = await create_collection(vector_stub, alice, DIMENSION)
     items = make_items(3 * BATCH_ITEMS)
-    stream = BrokenStream(vector_stub, alice, messages_of(name, items))
+    stream = BrokenStream(vector_stub.UpsertItems, alice, messages_of(name, items))
     await stream.sent.wait()
     # Break off at once: batches may be in flight; each commits whole or not at all.
     await stream.break_off()
@@ -195,7 +175,9 @@ async def test_the_same_stream_sent_again_after_a_break_answers_as_one_whole_str
     expected = await stored(db, bob, name)
     assert expected[items[20].id] == "second"
 
-    stream = BrokenStream(vector_stub, alice, messages_of(name, items[: BATCH_ITEMS + 1200]))
+    stream = BrokenStream(
+        vector_stub.UpsertItems, alice, messages_of(name, items[: BATCH_ITEMS + 1200])
+    )
     await stream.sent.wait()
     assert await wait_until(lambda: _at_least(_count(db, alice, name), BATCH_ITEMS - 1), 60)
     await stream.break_off()
