@@ -807,28 +807,6 @@ class ItemSearch:
                 return list(await self._driver.fetch(sql, *params.values))
             wanted *= GROUP_WIDENING
 
-    async def similar_batch(self, searches: Sequence[SimilarSearch]) -> list[list[asyncpg.Record]]:
-        """The hits of each search, in order. Searches of one shape (see
-        `shared_shape`) run as one statement (`similar_shaped`); the others
-        one by one."""
-        results: list[list[asyncpg.Record]] = [[] for _ in searches]
-        shapes: dict[tuple[str, Settings], list[tuple[int, Params]]] = {}
-        alone: list[int] = []
-        for i, search in enumerate(searches):
-            shape = shared_shape(self.spec, search)
-            if shape is None:
-                alone.append(i)
-                continue
-            sql, settings, params = shape
-            shapes.setdefault((sql, settings), []).append((i, params))
-        for (sql, settings), members in shapes.items():
-            answered = await self.similar_shaped(sql, settings, [params for _, params in members])
-            for (i, _), rows in zip(members, answered, strict=True):
-                results[i] = rows
-        for i in alone:
-            results[i] = await self.similar(searches[i])
-        return results
-
     async def similar_shaped(
         self, sql: str, settings: Settings, searches: Sequence[Params]
     ) -> list[list[asyncpg.Record]]:

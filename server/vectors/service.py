@@ -63,15 +63,15 @@ DDL_FIRST_BACKOFF_S = 0.2
 # another process shows as.
 _VANISHED = (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError)
 _ITEM_HITS = Hits(with_vector=False, with_metadata=True)
+_ITEM_HITS_WITH_VECTOR = Hits(with_vector=True, with_metadata=True)
 # Searches that can share a statement: of one collection, SQL and hnsw settings.
+Shape = tuple[CollectionSpec, str, Settings]
 # A shape's searches share statements of at most this many searches, with at
 # most this many of its statements running at once: an index search costs the
 # database far more than a point read, so a shape keeps a few connections
 # (and the database's cores) busy rather than queueing behind one statement.
 SEARCHES_PER_STATEMENT = 16
 SEARCH_STATEMENTS_IN_FLIGHT = 4
-Shape = tuple[CollectionSpec, str, Settings]
-_ITEM_HITS_WITH_VECTOR = Hits(with_vector=True, with_metadata=True)
 
 
 def _resource(spec: CollectionSpec) -> str:
@@ -279,11 +279,14 @@ class VectorService:
             self._specs[key] = spec
         return spec
 
-    async def _vanished(self, uow: UnitOfWork, caller: Principal, name: str) -> Exception:
+    async def _vanished(self, caller: Principal, name: str) -> Exception:
         """The error for a search whose cached collection's partition is gone
-        (another process deleted the collection, and maybe made it anew)."""
-        self._specs.pop((caller.user_id, name), None)
-        if await CollectionRepository(uow).find(caller.user_id, name) is None:
+        (another process deleted the collection, and maybe made it anew),
+        looked up on a connection of its own (the search's unit may be
+        unusable after the error)."""
+        key = (caller.user_id, name)
+        self._specs.pop(key, None)
+        if await self._collections.get(key) is None:
             return _not_found(name)
         return errors.Aborted(f"collection {name!r} was re-created meanwhile; retry")
 
@@ -353,7 +356,7 @@ class VectorService:
                     for i in alone:
                         results[i] = await reads.similar(searches[i])
         except _VANISHED:
-            raise await self._vanished_now(caller, spec.name) from None
+            raise await self._vanished(caller, spec.name) from None
         return results
 
     async def _run_searches(
@@ -371,14 +374,6 @@ class VectorService:
         key = (caller.user_id, name)
         return self._specs.get(key) or await self._look_up(key)
 
-    async def _vanished_now(self, caller: Principal, name: str) -> Exception:
-        """_vanished, for the searches that take their units themselves."""
-        key = (caller.user_id, name)
-        self._specs.pop(key, None)
-        if await self._collections.get(key) is None:
-            return _not_found(name)
-        return errors.Aborted(f"collection {name!r} was re-created meanwhile; retry")
-
     async def search_text(
         self, uow: UnitOfWork, caller: Principal, request: vector_pb2.SearchTextRequest
     ) -> list[vector_pb2.ScoredItem]:
@@ -392,7 +387,7 @@ class VectorService:
         try:
             rows = await search.text(query, top_k, filter_json, hits, where)
         except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+            raise await self._vanished(caller, request.collection) from None
         return convert.scored_items(rows, spec, hits)
 
     async def hybrid_search(
@@ -415,7 +410,7 @@ class VectorService:
                 vector, query, top_k, candidates, rrf_k, filter_json, hits, where
             )
         except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+            raise await self._vanished(caller, request.collection) from None
         return convert.scored_items(rows, spec, hits)
 
     # -- scrolling, counting, metadata indexes ------------------------------------------
@@ -437,7 +432,7 @@ class VectorService:
         try:
             rows = await search.page(where, None if after is None else after[0], size + 1, hits)
         except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+            raise await self._vanished(caller, request.collection) from None
         count = _page_rows(rows, size)
         response = vector_pb2.ListItemsResponse()
         for row in rows[:count]:
@@ -456,7 +451,7 @@ class VectorService:
         try:
             count = await search.count(where)
         except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+            raise await self._vanished(caller, request.collection) from None
         return vector_pb2.CountItemsResponse(count=count)
 
     async def create_metadata_index(
@@ -513,7 +508,7 @@ class VectorService:
                 )
             nearest = None if vector is None else await search.nearest_by_cosine(vector)
         except _VANISHED:
-            raise await self._vanished(uow, caller, request.collection) from None
+            raise await self._vanished(caller, request.collection) from None
         if nearest is None:
             return vector_pb2.CheckDuplicateResponse()
         similarity = 1.0 - nearest["distance"]
