@@ -2,11 +2,13 @@
 measurements, saved under .data/bench/profiles/ as collapsed stacks (for
 flamegraph.pl or speedscope) plus a text summary of the hottest functions.
 py-spy is optional (`.venv/bin/pip install py-spy`); profiled figures are a
-little lower than unprofiled ones."""
+little lower than unprofiled ones. BENCH_PROFILE_NATIVE=1 adds C and Cython
+frames (much slower)."""
 
 from __future__ import annotations
 
 import collections
+import os
 import re
 import shutil
 import signal
@@ -32,6 +34,8 @@ def sampled(pid: int, raw_path: Path, rate: int = 100) -> Iterator[None]:
         raise SystemExit("--profile needs py-spy: .venv/bin/pip install py-spy")
     raw_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [tool, "record", "-p", str(pid), "-r", str(rate), "-s", "-f", "raw"]
+    if os.environ.get("BENCH_PROFILE_NATIVE"):
+        argv.append("--native")  # C and Cython frames too (grpc, uvloop, asyncpg)
     spy = subprocess.Popen(
         [*argv, "-o", str(raw_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

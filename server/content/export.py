@@ -5,7 +5,7 @@ OBSERVATORY_EXPORT_IDLE_S, the export slots) reads the rows in one snapshot
 unit (REPEATABLE READ READ ONLY) with `COPY (SELECT ...) TO STDOUT`, so
 PostgreSQL does the formatting: CSV as it is, NDJSON as one JSON text per row,
 and for Parquet and Arrow the same CSV, parsed into typed record batches by
-pyarrow in a thread of the export's own. It puts ~1 MiB chunks on the queue;
+pyarrow in a thread of the export's own. It puts ~256 KiB chunks on the queue;
 the RPC's stream takes them off. When the client reads slowly, the queue
 fills, the producer waits, and so does the COPY: memory stays flat.
 Cancelling the RPC cancels the producer, whose unit then discards its
@@ -18,7 +18,7 @@ COPY runs: the file made meanwhile, up to COUNTING_AHEAD_BYTES, waits for the
 count instead of the COPY waiting for it. (PostgreSQL counts with parallel
 workers, so on a busy machine the two mostly share the cores.)
 
-Memory is bounded by bytes whatever the rows: ExportChunk data of ~1 MiB
+Memory is bounded by bytes whatever the rows: ExportChunk data of ~256 KiB
 (a larger row is cut across chunks), Arrow record batches of ~4 MiB of CSV
 (or one row, when a row is larger), Parquet row groups of ~16 MiB of CSV.
 A row of any size the contract accepts exports in every format, since
@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeAlias
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute
 import pyarrow.csv
@@ -54,7 +55,10 @@ from server.content.repository import ContentQuery
 from server.streams import Outlet, SnapshotExport
 from server.uow import Database, ExportedSnapshot, UnitOfWork
 
-CHUNK_BYTES = 1 << 20
+# The event loop serialises and hands each chunk to gRPC in one go, while the
+# COPY waits (PostgreSQL's socket buffer holds ~200 KB): at 256 KiB an export
+# ran 1.2-1.4x as fast as at 1 MiB (bench exports: 64 KiB costs more per byte).
+CHUNK_BYTES = 1 << 18
 # The most of the file an export makes and holds before its row count is known.
 COUNTING_AHEAD_BYTES = 16 << 20
 # Bytes of CSV (whole rows) parsed into one Arrow record batch, at least (or
@@ -189,25 +193,32 @@ class _Chunker:
 
 # Every byte but the quote and the newline, which are all _CsvRows looks at.
 _NOT_QUOTE_OR_NEWLINE = bytes(b for b in range(256) if b not in b'"\n')
+_QUOTE = ord('"')
 
 
 class _CsvRows:
     """Counts the CSV records that end in each piece of a COPY's output: a
     newline ends a record unless it sits inside a quoted value. Every quote
-    character toggles "inside" (an escaped quote is doubled, so toggles twice),
-    which lets bytes methods do the counting."""
+    character toggles "inside" (an escaped quote is doubled, so toggles
+    twice), so a newline is inside a value exactly when an odd number of
+    quotes precede it: bytes.translate keeps only the quotes and newlines,
+    and numpy counts them without a Python step per value."""
 
     def __init__(self, header: bool) -> None:
         self._in_quotes = False
         self._skip = 1 if header else 0
 
     def ended_in(self, data: bytes) -> int:
-        marks = data.translate(None, _NOT_QUOTE_OR_NEWLINE).replace(b'""', b"")
-        # Pieces between quotes alternate outside / inside a quoted value.
-        pieces = marks.split(b'"')
-        inside = pieces[0 if self._in_quotes else 1 :: 2]
-        rows = marks.count(b"\n") - sum(piece.count(b"\n") for piece in inside)
-        self._in_quotes ^= len(pieces) % 2 == 0
+        marks = data.translate(None, _NOT_QUOTE_OR_NEWLINE)
+        if b'"' not in marks:
+            rows = 0 if self._in_quotes else len(marks)
+        else:
+            quote = np.frombuffer(marks, np.uint8) == _QUOTE
+            # Quotes before and at each mark, plus one when the piece starts
+            # inside a value: odd at a newline means that newline is inside.
+            odd = np.bitwise_and(np.cumsum(quote, dtype=np.int64) + self._in_quotes, 1)
+            rows = int(np.count_nonzero(~quote & (odd == 0)))
+            self._in_quotes = bool(odd[-1])
         if self._skip and rows:
             rows -= 1
             self._skip = 0

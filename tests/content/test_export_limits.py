@@ -12,6 +12,7 @@ import pytest
 from observatory.v1 import content_pb2
 
 from server.content.convert import MAX_METADATA_BYTES
+from server.content.export import CHUNK_BYTES
 from tests.content.test_content_export import FORMATS, export, read_rows
 from tests.helpers import make_content
 
@@ -60,7 +61,7 @@ async def test_the_largest_row_exports_in_every_format(content_stub, alice, larg
     for kind, fmt in FORMATS.items():
         data, chunks = await export(content_stub, alice, format=fmt, include_metadata=True)
         assert chunks[-1].rows_sent == 2
-        assert all(len(chunk.data) <= 1 << 20 for chunk in chunks), kind
+        assert all(len(chunk.data) <= CHUNK_BYTES for chunk in chunks), kind
         rows = {r["title"]: r for r in read_rows(kind, data)}
         big = rows[row.title]
         assert big["text_content"] == row.text_content, kind
