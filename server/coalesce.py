@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import asyncpg
 
 from server import replicas
-from server.uow import Database, UnitOfWork
+
+if TYPE_CHECKING:  # server.uow coalesces with Batches too
+    from server.uow import Database, UnitOfWork
 
 G = TypeVar("G", bound=Hashable)
 T = TypeVar("T")
@@ -129,7 +131,7 @@ class Batches(Generic[G, T, R]):
 
 
 # Runs on `uow.driver` only (the unit is a Database.driver_read()).
-Fetch = Callable[[UnitOfWork, Sequence[K]], Awaitable[Iterable[asyncpg.Record]]]
+Fetch = Callable[["UnitOfWork", Sequence[K]], Awaitable[Iterable[asyncpg.Record]]]
 
 
 class PointReads(Generic[K]):

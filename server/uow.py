@@ -17,7 +17,9 @@ An RPC declares what it needs:
 while it is usable and the primary otherwise; the other two always use the
 primary (see server.replicas). A read unit must therefore never write. Inside
 an RPC, a `write()` or `autocommit()` unit that succeeds records the primary's
-WAL position after it, for the RPC's `x-observatory-lsn`.
+WAL position after it, for the RPC's `x-observatory-lsn`: asked once for all
+the units that committed meanwhile, on a connection of its own, after the
+unit has given its pooled connection back (WalPositions).
 
 Inside, `uow.conn` (SQLAlchemy Core) and `uow.driver` (the raw asyncpg
 connection, for COPY, cursors and prepared statements) are the same
@@ -28,11 +30,12 @@ and ended by the unit.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
 import re
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +46,7 @@ from sqlalchemy.pool import Pool, PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from server import deadlines, errors, replicas
+from server.coalesce import Batches
 from server.db import classify_database_error, sqlstate
 from server.replicas import Replica
 
@@ -213,6 +217,7 @@ class Database:
         self.statement_timeout_s = statement_timeout_s
         self._connect_directly = connect_directly
         self._probe: asyncpg.Connection | None = None
+        self.wal_positions = WalPositions(engine, connect_directly)
 
     def read(self) -> Any:
         """`async with db.read() as uow`: single-statement reads, no transaction;
@@ -240,6 +245,13 @@ class Database:
         the cost of the checkout; `uow.conn` is never started and raises if
         used."""
         return self._unit(Mode.READ, driver_only=True)
+
+    def driver_autocommit(self) -> Any:
+        """`async with db.driver_autocommit() as uow`: an `autocommit()` unit
+        for writes done on `uow.driver` alone (one statement that does all its
+        work, e.g. a server-side function); the cheaper checkout of
+        `driver_read()`, and `uow.conn` raises if used."""
+        return self._unit(Mode.AUTOCOMMIT, driver_only=True)
 
     def snapshot_of(self, exported: ExportedSnapshot) -> Any:
         """`async with db.snapshot_of(exported) as uow`: a snapshot unit that
@@ -274,6 +286,7 @@ class Database:
                 engine = self.replica.engine
             conn, driver = await _checkout(engine)
             on_replica = imported.on_replica
+        committed = False
         try:
             timeout = self._statement_timeout(driver)
             if mode is Mode.READ or mode is Mode.AUTOCOMMIT:
@@ -309,8 +322,7 @@ class Database:
                 settled = _pending_settings.pop(driver, None)
                 if settled:
                     _session_settings.setdefault(driver, {}).update(settled)
-            if mode is Mode.WRITE or mode is Mode.AUTOCOMMIT:
-                await _record_written_lsn(conn, driver)
+            committed = mode is Mode.WRITE or mode is Mode.AUTOCOMMIT
         except BaseException as exc:
             if not _connection_is_sound(exc):
                 # Cancelled mid-statement, or the connection broke: its state is
@@ -331,6 +343,25 @@ class Database:
             raise
         finally:
             await conn.close()
+        if committed:
+            await self._record_written_lsn()
+
+    async def _record_written_lsn(self) -> None:
+        """After a write unit committed inside an RPC: the primary's WAL position
+        then, which the RPC returns as x-observatory-lsn (read-your-writes). The
+        write stands whatever happens here; should the question fail, the RPC
+        answers without the position."""
+        call = replicas.current_call()
+        if call is None:
+            return
+        try:
+            position = await self.wal_positions.after_commit()
+        except Exception as exc:
+            log.warning(
+                "could not read the WAL position after a commit", extra={"error": repr(exc)}
+            )
+            return
+        call.wrote(position)
 
     def _statement_timeout(self, driver: asyncpg.Connection) -> str | None:
         """The statement_timeout this unit's statements must run under: the
@@ -392,6 +423,7 @@ class Database:
         if self._probe is not None:
             self._probe.terminate()
             self._probe = None
+        self.wal_positions.close()
         if self.replica is not None:
             await self.replica.dispose()
         await self.engine.dispose()
@@ -483,19 +515,62 @@ async def _open_on_replica(
     return None
 
 
-async def _record_written_lsn(conn: AsyncConnection, driver: asyncpg.Connection) -> None:
-    """After a write unit committed inside an RPC: the primary's WAL position
-    then, which the RPC returns as x-observatory-lsn (read-your-writes). The
-    write stands whatever happens here; should the question fail, the
-    connection is dropped and the RPC answers without the position."""
-    call = replicas.current_call()
-    if call is None:
-        return
-    try:
-        position = await driver.fetchval(replicas.WRITTEN_LSN_SQL)
-    except Exception as exc:
-        if not _connection_is_sound(exc):
-            await conn.invalidate()
-        log.warning("could not read the WAL position after a commit", extra={"error": repr(exc)})
-        return
-    call.wrote(replicas.parse_lsn(position))
+# Commits one WAL-position question answers at the most (all that queued).
+_MAX_ANSWERED = 100_000
+
+
+class WalPositions:
+    """Where the primary's WAL ends right after commits (WRITTEN_LSN_SQL), for
+    x-observatory-lsn. One question answers every unit that committed before
+    it was sent: a unit that finds a question in flight (sent, perhaps,
+    before its commit) waits for the next one (server.coalesce.Batches). The
+    questions go one at a time over a connection of their own outside the
+    pool (without `connect_directly`, a pooled one per question), so a write
+    unit's pooled connection goes back as soon as it commits, and concurrent
+    writers share one round trip."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        connect_directly: Callable[[], Awaitable[asyncpg.Connection]] | None,
+    ) -> None:
+        self._engine = engine
+        self._connect_directly = connect_directly
+        self._conn: asyncpg.Connection | None = None
+        self._one_at_a_time = asyncio.Lock()
+        self._batches: Batches[None, None, int] = Batches(self._ask, _MAX_ANSWERED)
+
+    async def after_commit(self) -> int:
+        """A WAL position at or past the end of every commit made before the call."""
+        return (await self._batches.submit(None, (None,)))[0]
+
+    async def _ask(self, _: None, commits: Sequence[None]) -> list[int]:
+        async with self._one_at_a_time:
+            position = replicas.parse_lsn(await self._fetch())
+        return [position] * len(commits)
+
+    async def _fetch(self) -> str:
+        if self._connect_directly is None:
+            conn, driver = await _checkout(self._engine, driver_only=True)
+            try:
+                return str(await driver.fetchval(replicas.WRITTEN_LSN_SQL))
+            except BaseException as exc:
+                if not _connection_is_sound(exc):
+                    await conn.invalidate()
+                raise
+            finally:
+                await conn.close()
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await self._connect_directly()
+        try:
+            return str(await self._conn.fetchval(replicas.WRITTEN_LSN_SQL))
+        except BaseException:
+            # Cancelled mid-question, or the connection broke: the next
+            # question opens a new one.
+            self.close()
+            raise
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()

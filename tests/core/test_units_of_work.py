@@ -10,7 +10,7 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import text
 
-from server import errors
+from server import errors, replicas
 from server.db import connect_directly, create_engine
 from server.uow import Database
 from tests.conftest import make_settings
@@ -168,3 +168,67 @@ async def test_a_broken_driver_read_connection_is_discarded(units):
     async with units.driver_read() as uow:
         assert uow.driver is not broken
         assert await uow.driver.fetchval("SELECT 2") == 2
+
+
+async def _committed_write(units: Database) -> tuple[int, int]:
+    """One RPC's write unit: the WAL position before its commit, and the one
+    the RPC would answer as x-observatory-lsn."""
+    call = replicas.begin_call(None)
+    async with units.autocommit() as uow:
+        before = replicas.parse_lsn(
+            await uow.driver.fetchval("SELECT pg_current_wal_insert_lsn()::text")
+        )
+        await uow.driver.execute("INSERT INTO uow_probe VALUES (1)")
+    assert call.written is not None
+    return before, call.written
+
+
+async def test_a_write_gets_its_wal_position_after_giving_its_connection_back(units):
+    pooled: list[int] = []
+    ask = units.wal_positions._fetch
+
+    async def asked() -> str:
+        pooled.append(units.pool.checkedout())  # type: ignore[attr-defined]
+        return await ask()
+
+    units.wal_positions._fetch = asked  # type: ignore[method-assign]
+    before, written = await _committed_write(units)
+    assert written > before
+    assert pooled == [0]
+
+
+async def test_concurrent_commits_share_wal_position_questions(units):
+    asked = 0
+    ask = units.wal_positions._fetch
+
+    async def counted() -> str:
+        nonlocal asked
+        asked += 1
+        return await ask()
+
+    units.wal_positions._fetch = counted  # type: ignore[method-assign]
+    writes = await asyncio.gather(
+        *(asyncio.create_task(_committed_write(units)) for _ in range(40))
+    )
+    # Each answer is past its own commit, yet far fewer questions were asked.
+    assert all(written > before for before, written in writes)
+    assert asked < 40
+    async with units.read() as uow:
+        assert await uow.driver.fetchval("SELECT count(*) FROM uow_probe") == 40
+
+
+async def test_writes_go_on_when_the_database_ends_the_wal_connection(units, db):
+    await _committed_write(units)
+    conn = units.wal_positions._conn
+    assert conn is not None
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+    # Whether the next RPC still gets a position depends on when the driver
+    # notices; its write stands either way, and a new connection answers later ones.
+    replicas.begin_call(None)
+    async with units.autocommit() as uow:
+        await uow.driver.execute("INSERT INTO uow_probe VALUES (1)")
+    before, written = await _committed_write(units)
+    assert written > before
+    assert units.wal_positions._conn is not conn
+    async with units.read() as uow:
+        assert await uow.driver.fetchval("SELECT count(*) FROM uow_probe") == 3
