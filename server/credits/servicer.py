@@ -3,7 +3,7 @@ of work, calls the service.
 
 A credit mutation is one statement (a server-side function; see
 server/credits/repository.py), which without a surrounding transaction is its
-own transaction: so mutations run on an `autocommit()` unit and pay no
+own transaction: so mutations run on a `driver_autocommit()` unit and pay no
 BEGIN/COMMIT round trips. Reads are one statement each (`read()`); GetBalance
 is coalesced with the balance reads in flight and has the batch's unit.
 """
@@ -93,7 +93,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
             raise errors.InvalidArgument("valid_until", "must be later than valid_from")
         memo = _text(request.memo, "memo")
         key = _request_key("GrantCredits", request)
-        async with self._db.autocommit() as uow:
+        async with self._db.driver_autocommit() as uow:
             allocation = await self._service.grant(
                 uow,
                 caller,
@@ -123,7 +123,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         reference = _text(request.reference, "reference")
         ttl = _ttl(request)
         key = _request_key("ReserveCredits", request, user_id.bytes)
-        async with self._db.autocommit() as uow:
+        async with self._db.driver_autocommit() as uow:
             reservation = await self._service.reserve(
                 uow, caller, key, user_id=user_id, amount=amount, reference=reference, ttl=ttl
             )
@@ -138,7 +138,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         if request.amount < 0:
             raise errors.InvalidArgument("amount", "must not be negative")
         key = _request_key("SettleReservation", request)
-        async with self._db.autocommit() as uow:
+        async with self._db.driver_autocommit() as uow:
             reservation = await self._service.settle(
                 uow, caller, key, reservation_id, request.amount
             )
@@ -151,7 +151,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
     ) -> credit_pb2.Reservation:
         caller = principal()
         reservation_id = parse_uuid(request.reservation_id, "reservation_id")
-        async with self._db.autocommit() as uow:
+        async with self._db.driver_autocommit() as uow:
             reservation = await self._service.release(uow, caller, reservation_id)
         metrics.CREDITS_RELEASED.inc(reservation.amount)
         return reservation
