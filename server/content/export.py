@@ -20,13 +20,15 @@ workers, so on a busy machine the two mostly share the cores.)
 
 Memory is bounded by bytes whatever the rows: ExportChunk data of ~256 KiB
 (a larger row is cut across chunks), Arrow record batches of ~4 MiB of CSV
-(or one row, when a row is larger), Parquet row groups of ~16 MiB of CSV.
+(or one row, when a row is larger), at most CONVERSIONS_AHEAD of them waiting
+for the conversion thread, Parquet row groups of ~16 MiB of CSV.
 A row of any size the contract accepts exports in every format, since
 PostgreSQL sends a COPY's rows whole and pyarrow is handed whole rows only."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,8 @@ COUNTING_AHEAD_BYTES = 16 << 20
 # one row, when a row is larger), and per Parquet row group.
 ARROW_BLOCK_BYTES = 4 << 20
 ROW_GROUP_BYTES = 16 << 20
+# Blocks handed to the conversion thread and not yet queued as output, at most.
+CONVERSIONS_AHEAD = 4
 # The Parquet columns with few distinct values, which dictionary encoding
 # shrinks. On the others (IDs, text, URLs) it only costs time: pyarrow builds a
 # dictionary, finds it too large and falls back to plain encoding.
@@ -343,9 +347,10 @@ class Export:
     async def _write_arrow(self, reader: ExportReader, chunker: _Chunker) -> None:
         """PostgreSQL's CSV, gathered into blocks of whole rows, each parsed into a
         typed Arrow table by pyarrow and written as Parquet or Arrow IPC on a
-        thread of the export's own, while the COPY fills the next block. A
-        block is handed over only once the previous one's output is queued, so
-        neither side gets ahead of the other."""
+        thread of the export's own, while the COPY fills the next blocks. At
+        most CONVERSIONS_AHEAD blocks wait for or are in conversion: the COPY
+        goes on while a Parquet row group is written (which takes several
+        blocks' time), and waits beyond that, so neither side gets far ahead."""
         converter = _ArrowConverter(self._fields, self._format)
         # Not the loop's default executor: that one is small and also resolves
         # host names for new database connections.
@@ -353,14 +358,18 @@ class Export:
         loop = asyncio.get_running_loop()
         block: list[bytes | bytearray] = []
         size = 0
-        converting: asyncio.Future[list[tuple[bytes, int]]] | None = None
+        converting: collections.deque[asyncio.Future[list[tuple[bytes, int]]]] = (
+            collections.deque()
+        )
+
+        async def emit_oldest() -> None:
+            for output in await converting.popleft():
+                await chunker.add(*output)
 
         async def hand_over(data: bytes | None) -> None:
-            nonlocal converting
-            if converting is not None:
-                for output in await converting:
-                    await chunker.add(*output)
-            converting = loop.run_in_executor(thread, converter.convert, data)
+            if len(converting) >= CONVERSIONS_AHEAD:
+                await emit_oldest()
+            converting.append(loop.run_in_executor(thread, converter.convert, data))
 
         async def sink(piece: bytes | bytearray) -> None:
             # Each piece holds whole rows (PostgreSQL sends a COPY row by row).
@@ -378,9 +387,8 @@ class Export:
             if block:
                 await hand_over(b"".join(block))
             await hand_over(None)
-            assert converting is not None
-            for output in await converting:
-                await chunker.add(*output)
+            while converting:
+                await emit_oldest()
         finally:
             # A conversion still running finishes on its own; its output is dropped.
             thread.shutdown(wait=False, cancel_futures=True)
