@@ -43,7 +43,8 @@ from bench.exports import PeakRss
 from bench.report import Row, write_results
 from server.auth import issue_token
 from server.content.repository import ContentQuery
-from server.networks.repository import Kind, compile_for_driver, network_statement
+from server.db import compile_for_driver
+from server.networks.repository import Kind, network_statement
 
 SUITE = "networks"
 DATABASE = f"observatory_bench_{SUITE}"

@@ -114,13 +114,24 @@ def rows_affected(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+
+def compile_for_driver(statement: ClauseElement) -> tuple[str, list[Any]]:
+    """`statement` as asyncpg SQL text ($n parameters) and its arguments, for
+    statements run once on the driver (COPY, cursors) rather than prepared."""
+    compiled = statement.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
+    names = getattr(compiled, "positiontup", None) or ()
+    return compiled.string, [compiled.params[name] for name in names]
+
+
 class PreparedStatement:
     """A fixed-shape Core statement, compiled once for asyncpg and run as a
     server-side prepared statement on the driver connection: the fast path for
     hot reads, skipping SQLAlchemy's per-execution work. Parameters are the
     statement's `bindparam` names."""
 
-    _dialect = asyncpg_dialect()  # type: ignore[no-untyped-call]
+    _dialect = _DIALECT
 
     def __init__(self, statement: ClauseElement) -> None:
         compiled = statement.compile(dialect=self._dialect)

@@ -358,9 +358,7 @@ class Export:
         loop = asyncio.get_running_loop()
         block: list[bytes | bytearray] = []
         size = 0
-        converting: collections.deque[asyncio.Future[list[tuple[bytes, int]]]] = (
-            collections.deque()
-        )
+        converting: collections.deque[asyncio.Future[list[tuple[bytes, int]]]] = collections.deque()
 
         async def emit_oldest() -> None:
             for output in await converting.popleft():

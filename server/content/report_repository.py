@@ -27,11 +27,11 @@ from sqlalchemy import (
     tuple_,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID, aggregate_order_by
-from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.types import TypeEngine
 
 from server.content.repository import ContentQuery, filter_conditions
 from server.content.tables import content, finite_time
+from server.db import compile_for_driver
 from server.uow import UnitOfWork
 
 # Every Content field an export can hold (all of them), in the message's order,
@@ -50,14 +50,6 @@ JSON_FIELDS = _fields_of_type(JSONB)
 # The timestamps a client writes (the others the database sets): only these can
 # hold the ends of the range, stored as ±infinity (see tables.finite_time).
 CLIENT_TIME_FIELDS = frozenset({"published_at", "collected_at"})
-_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
-
-
-def compile_for_driver(statement: Select[Any]) -> tuple[str, list[Any]]:
-    """`statement` as asyncpg SQL text ($n parameters) and its arguments."""
-    compiled = statement.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
-    names = getattr(compiled, "positiontup", None) or ()
-    return compiled.string, [compiled.params[name] for name in names]
 
 
 def _text_value(field: str) -> ColumnElement[Any]:

@@ -52,13 +52,13 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
-from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.engine import RowMapping
 
 from server.actors.repository import DETAILS
 from server.actors.tables import actors
 from server.content.repository import ContentQuery, filter_conditions
 from server.content.tables import content
+from server.db import compile_for_driver
 from server.uow import UnitOfWork
 
 MAX_EDGE_TERMS = 10
@@ -67,7 +67,6 @@ CURSOR_PREFETCH = 2000
 ACCOUNT_PREFIX = "account:"
 TERM_PREFIX = "term:"
 _C = "C"
-_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
 class Kind(enum.IntEnum):
@@ -88,13 +87,6 @@ class NodeKind(enum.IntEnum):
 # Output columns, in order.
 PART_NODE = 0
 PART_EDGE = 1
-
-
-def compile_for_driver(statement: Select[Any]) -> tuple[str, list[Any]]:
-    """`statement` as asyncpg SQL text ($n parameters) and its arguments."""
-    compiled = statement.compile(dialect=_DIALECT, compile_kwargs={"render_postcompile": True})
-    names = getattr(compiled, "positiontup", None) or ()
-    return compiled.string, [compiled.params[name] for name in names]
 
 
 def _text_array(value: ColumnElement[Any]) -> ColumnElement[Any]:
