@@ -396,8 +396,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         "ours and raw run back to back in each round with the server up (idle during the "
         "raw runs) so that both see the same machine",
-        "measured while three other engineers' test suites and benchmarks shared this "
-        "2-core machine: absolute figures are noisy; the ratios are the point",
+        "a 2-core virtual machine whose speed and commit latency vary from run to run "
+        "(see the load averages): absolute figures are noisy; the ratios are the point",
     ]
     print(table(rows))
     cpu = cpu_table(measured)

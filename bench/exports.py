@@ -347,9 +347,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "text put together with `||` in PostgreSQL (the same text as row_to_json, in about "
             "two thirds of its time), through COPY; the file is half as large again as CSV; Parquet and Arrow IPC parse COPY's CSV with pyarrow in a worker "
             "thread",
-            "the machine (2 cores) was shared with three other engineers' test and benchmark "
-            "runs (see the load averages): the figures move by a factor of two from run to "
-            "run, which the baseline measured right before each format only partly cancels",
+            "a 2-core virtual machine whose speed varies from run to run (see the load "
+            "averages): the figures move by up to a factor of two, which the baseline "
+            "measured right before each format only partly cancels",
             "all rows belong to one user; the table holds only them",
         ],
         sections={"Server memory": rss},

@@ -617,9 +617,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             "export is the newest tenth of the rows (a published_after filter)",
             "peak RSS: the server's VmHWM (reset before each export) and VmRSS sampled "
             "every 10 ms; 'growth over the export' is the peak minus the RSS before it",
-            "the machine (2 cores) was shared with other engineers' test and benchmark runs "
-            "(see the load averages): absolute times move by a factor of two or more from "
-            "run to run; the ratios are measured side by side",
+            "a 2-core virtual machine whose speed varies from run to run (see the load "
+            "averages): absolute times move by a factor of two or more; the ratios are "
+            "measured side by side",
         ],
         sections={
             "GetNetwork": networks,

@@ -507,9 +507,8 @@ class Bench:
 
     def _note_conditions(self) -> None:
         self.results.notes.append(
-            "run while other engineers' test suites and benchmarks were loading this 2-core "
-            "machine (see the load averages): rates and ratios move by a third or more "
-            "between runs"
+            "a 2-core virtual machine whose speed varies from run to run (see the load "
+            "averages): rates and ratios move by a third or more between runs"
         )
 
     def _request(
