@@ -18,13 +18,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import grpc
 import numpy as np
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 from pgvector.asyncpg import register_vector
@@ -534,6 +535,27 @@ class Bench:
             self.results.recall[ef_search] = found / (len(queries) * TOP_K)
             say(f"recall@{TOP_K} at ef_search {ef_search}: {self.results.recall[ef_search]:.3f}")
 
+    @contextlib.asynccontextmanager
+    async def spread_stubs(
+        self, stub: vector_pb2_grpc.VectorServiceStub
+    ) -> AsyncIterator[list[vector_pb2_grpc.VectorServiceStub]]:
+        """One stub per server worker, each over a connection of its own (the
+        kernel spreads connections over the workers, as h2load's are), `stub`
+        first; with one worker, just `stub`."""
+        channels = [
+            # A local subchannel pool: otherwise channels to one address share
+            # one connection.
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{self.port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            for _ in range(self.config.workers - 1)
+        ]
+        try:
+            yield [stub, *(vector_pb2_grpc.VectorServiceStub(c) for c in channels)]
+        finally:
+            for channel in channels:
+                await channel.close()
+
     async def _metered(
         self, label: str, one: Callable[[int], Awaitable[None]], clients: int
     ) -> float:
@@ -564,38 +586,54 @@ class Bench:
         cases += [(EF_SEARCHES[0], 1, clients) for clients in CLIENTS]
         applied: dict[int, int] = {}
         try:
-            for ef_search, top_k, clients in cases:
-                requests = [self._request(q, ef_search, top_k) for q in queries]
-
-                async def ours(i: int, requests=requests, top_k=top_k) -> None:  # type: ignore[no-untyped-def]
-                    hits = await self._search(stub, requests[i % len(requests)])
-                    assert len(hits) == top_k
-
-                async def raw(i: int, ef_search=ef_search, top_k=top_k) -> None:  # type: ignore[no-untyped-def]
-                    async with pool.acquire() as conn:
-                        query = queries[i % len(queries)]
-                        rows = await raw_search(conn, applied, sql, query, top_k, ef_search)
-                    assert len(rows) == top_k
-
-                label = f"top {top_k}, ef_search {ef_search}, {clients} client(s)"
-                say(f"SearchSimilar {label}")
-                ours_rate = await self._metered(f"ours, {label}", ours, clients)
-                raw_rate = await self._metered(f"raw, {label}", raw, clients)
-                say(f"    ours {ours_rate:,.0f}/s, raw {raw_rate:,.0f}/s")
-                self.results.rows.append(
-                    Row(
-                        f"SearchSimilar top {top_k}, ef_search {ef_search}, "
-                        f"{clients} client{'s' if clients > 1 else ''}",
-                        ours_rate,
-                        raw_rate,
-                        "queries/s",
-                        "raw asyncpg, same SQL and settings",
-                        THROUGHPUT_TARGET if top_k == TOP_K else None,
+            async with self.spread_stubs(stub) as stubs:
+                for ef_search, top_k, clients in cases:
+                    await self._streamed_case(
+                        stubs, queries, pool, applied, sql, ef_search, top_k, clients
                     )
-                )
             await self._throughput_h2load(pool, applied, sql, queries[0])
         finally:
             await pool.close()
+
+    async def _streamed_case(
+        self,
+        stubs: list[vector_pb2_grpc.VectorServiceStub],
+        queries: np.ndarray,
+        pool: asyncpg.Pool,
+        applied: dict[int, int],
+        sql: str,
+        ef_search: int,
+        top_k: int,
+        clients: int,
+    ) -> None:
+        requests = [self._request(q, ef_search, top_k) for q in queries]
+
+        async def ours(i: int) -> None:
+            hits = await self._search(stubs[i % len(stubs)], requests[i % len(requests)])
+            assert len(hits) == top_k
+
+        async def raw(i: int) -> None:
+            async with pool.acquire() as conn:
+                query = queries[i % len(queries)]
+                rows = await raw_search(conn, applied, sql, query, top_k, ef_search)
+            assert len(rows) == top_k
+
+        label = f"top {top_k}, ef_search {ef_search}, {clients} client(s)"
+        say(f"SearchSimilar {label}")
+        ours_rate = await self._metered(f"ours, {label}", ours, clients)
+        raw_rate = await self._metered(f"raw, {label}", raw, clients)
+        say(f"    ours {ours_rate:,.0f}/s, raw {raw_rate:,.0f}/s")
+        self.results.rows.append(
+            Row(
+                f"SearchSimilar top {top_k}, ef_search {ef_search}, "
+                f"{clients} client{'s' if clients > 1 else ''}",
+                ours_rate,
+                raw_rate,
+                "queries/s",
+                "raw asyncpg, same SQL and settings",
+                THROUGHPUT_TARGET if top_k == TOP_K else None,
+            )
+        )
 
     def h2load_rate(self, label: str, method: str, body: Path, streams: int) -> float:
         """h2load's rate for `streams` calls of `body` in flight (on as many
@@ -756,14 +794,16 @@ class Additions:
             found += len({int(h.item.id[1:]) for h in response.results[0].hits} & expected)
         self.ours_recall = found / (len(queries) * TOP_K)
 
+        stubs = [self.stub]  # one per server worker while they run
+
         async def one(i: int) -> None:
-            response = await self.stub.SearchSimilarBatch(
+            response = await stubs[i % len(stubs)].SearchSimilarBatch(
                 singles[i % len(singles)], metadata=self.metadata
             )
             assert len(response.results[0].hits) == TOP_K
 
         async def sixteen(i: int) -> None:
-            response = await self.stub.SearchSimilarBatch(
+            response = await stubs[i % len(stubs)].SearchSimilarBatch(
                 batches[i % len(batches)], metadata=self.metadata
             )
             assert len(response.results) == BATCH_QUERIES
@@ -782,10 +822,14 @@ class Additions:
         try:
             label = f"ef_search {ef_search}, {BATCH_CLIENTS} clients"
             say(f"SearchSimilarBatch, {label}")
-            self.one_rate = await bench._metered(f"ours, batch of 1, {label}", one, BATCH_CLIENTS)
-            calls = await bench._metered(
-                f"ours, batch of {BATCH_QUERIES}, {label}", sixteen, BATCH_CLIENTS
-            )
+            async with bench.spread_stubs(self.stub) as spread:
+                stubs[:] = spread  # what one() and sixteen() call
+                self.one_rate = await bench._metered(
+                    f"ours, batch of 1, {label}", one, BATCH_CLIENTS
+                )
+                calls = await bench._metered(
+                    f"ours, batch of {BATCH_QUERIES}, {label}", sixteen, BATCH_CLIENTS
+                )
             raw_rate = await bench._metered(f"raw, one query per statement, {label}", raw, 8)
             # The same with h2load (C) as the client and one constant query on
             # both sides: what the service itself costs.
@@ -1067,8 +1111,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "server under test": "`python -m server` in its own process: "
         f"OBSERVATORY_WORKERS={config.workers}, access log at INFO (the default), "
         "default pool settings; clients: grpc.aio in the bench process, one "
-        "channel (so one connection, served by one worker)",
-        "h2load": f"{h2load_version(h2load)}: -c 1 -m <clients>, -t 1",
+        "channel (one connection) per server worker, the clients spread over them",
+        "h2load": f"{h2load_version(h2load)}: -c <workers> -m <clients / workers>, -t 1",
         "raw baseline": f"asyncpg pool of {max(CLIENTS)} with pgvector's binary codecs: per query "
         "the service's SELECT (written out in bench/vectors.py) outside any "
         "transaction, after `set_config` of the service's hnsw settings (session "
