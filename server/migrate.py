@@ -18,6 +18,8 @@ from server.db import normalize_database_url
 ROOT = Path(__file__).resolve().parent.parent
 # The PostgreSQL advisory lock every migrating process holds ("obsmigr" in ASCII).
 MIGRATION_LOCK_KEY = 0x6F62736D69677200
+# How often a process waiting for another's migrations asks for the lock again.
+MIGRATION_LOCK_POLL_S = 0.2
 
 _Command: TypeAlias = Callable[[Config], None]
 
@@ -48,7 +50,12 @@ async def _locked(database_url: str, run: _Command) -> None:
             # A session lock: it outlives the transactions Alembic commits, and
             # goes with the connection when a migration fails or the process dies.
             lock = {"key": MIGRATION_LOCK_KEY}
-            await connection.execute(text("SELECT pg_advisory_lock(:key)"), lock)
+            # Asked again and again rather than waited for: a session blocked
+            # in pg_advisory_lock holds a snapshot, which a migration's CREATE
+            # INDEX CONCURRENTLY would wait for (a deadlock: 0009 builds one).
+            while not await connection.scalar(text("SELECT pg_try_advisory_lock(:key)"), lock):
+                await connection.rollback()
+                await asyncio.sleep(MIGRATION_LOCK_POLL_S)
             await connection.commit()
             await connection.run_sync(_on, database_url, run)
             await connection.commit()

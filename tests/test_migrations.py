@@ -389,3 +389,46 @@ async def test_shard_ready_keys_keep_the_data_up_down_and_up_again(scratch_url):
         )
     finally:
         await conn.close()
+
+
+async def test_live_content_index_covers_every_partition_and_serves_counts(scratch_url):
+    # Rows before 0009, in this month's partition and in the default one (a
+    # year past the last monthly partition).
+    await asyncio.to_thread(migrate.upgrade, scratch_url, "0008")
+    owner = uuid.uuid4()
+    conn = await asyncpg.connect(scratch_url)
+    try:
+        await conn.execute(
+            "INSERT INTO content (id, owner_id, platform, platform_id, content_type, "
+            "published_at, delete_time) SELECT gen_random_uuid(), $1, 'p', g::text, 'post', "
+            "CASE WHEN g % 2 = 0 THEN now() ELSE now() + interval '3 years' END, "
+            "CASE WHEN g % 5 = 0 THEN now() END FROM generate_series(1, 200) g",
+            owner,
+        )
+        await asyncio.to_thread(migrate.upgrade, scratch_url)
+        assert await conn.fetchval(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = "
+            "'ix_content_live_owner_published'::regclass"
+        )
+        partitions = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'content'::regclass"
+        )
+        attached = await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits "
+            "WHERE inhparent = 'ix_content_live_owner_published'::regclass"
+        )
+        assert attached == partitions > 12
+        await conn.execute("VACUUM ANALYZE content")
+        count = "SELECT count(*) FROM content WHERE owner_id = $1 AND delete_time IS NULL"
+        async with conn.transaction():
+            await conn.execute("SET LOCAL enable_seqscan = off")
+            plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {count}", owner))
+            assert "Index Only Scan using content_" in plan and "live_owner_published" in plan
+        assert await conn.fetchval(count, owner) == 160
+
+        await asyncio.to_thread(migrate.downgrade, scratch_url, "0008")
+        assert not await conn.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE '%live_owner_published%'"
+        )
+    finally:
+        await conn.close()

@@ -116,6 +116,14 @@ Index(
     content.c.id.desc(),
 )
 Index("ix_content_published", content.c.published_at.desc(), content.c.id.desc())
+# An owner's live rows by time: counts (ExportContent's rows_total) by an
+# index-only scan, without reading the table (migration 0009).
+Index(
+    "ix_content_live_owner_published",
+    content.c.owner_id,
+    content.c.published_at,
+    postgresql_where=content.c.delete_time.is_(None),
+)
 Index(
     "ix_content_owner_platform",
     content.c.owner_id,
