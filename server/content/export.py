@@ -79,6 +79,8 @@ DICTIONARY_FIELDS = frozenset(
 SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO"}
 
 Format: TypeAlias = content_pb2.ExportFormat.ValueType
+# A piece of an export's file: COPY's pieces, pyarrow's buffers.
+Bytes: TypeAlias = bytes | bytearray | pa.Buffer
 _FORMATS = frozenset(
     {
         content_pb2.EXPORT_FORMAT_NDJSON,
@@ -142,12 +144,12 @@ class _Chunker:
         self._total: asyncio.Future[int] | None = total
         self._held: list[tuple[bytes, int]] = []
         self._held_bytes = 0
-        self._parts: list[bytes | bytearray] = []
+        self._parts: list[Bytes] = []
         self._size = 0
         self._rows = 0
         self._sent = False
 
-    async def add(self, data: bytes | bytearray, rows: int) -> None:
+    async def add(self, data: Bytes, rows: int) -> None:
         """Adds `data`, in which `rows` rows end. A chunk never exceeds
         CHUNK_BYTES: a piece that does not fit in the current chunk starts the
         next one, and a piece larger than a chunk (a huge row, a Parquet row
@@ -364,26 +366,24 @@ class Export:
             for output in await converting.popleft():
                 await chunker.add(*output)
 
-        async def hand_over(data: bytes | None) -> None:
+        async def hand_over(data: list[bytes | bytearray] | None) -> None:
             if len(converting) >= CONVERSIONS_AHEAD:
                 await emit_oldest()
             converting.append(loop.run_in_executor(thread, converter.convert, data))
 
         async def sink(piece: bytes | bytearray) -> None:
             # Each piece holds whole rows (PostgreSQL sends a COPY row by row).
-            nonlocal size
+            nonlocal block, size
             block.append(piece)
             size += len(piece)
             if size >= ARROW_BLOCK_BYTES:
-                data = b"".join(block)
-                block.clear()
-                size = 0
-                await hand_over(data)
+                pieces, block, size = block, [], 0
+                await hand_over(pieces)
 
         try:
             await reader.copy_csv(csv_select(self._query, self._fields), sink, header=False)
             if block:
-                await hand_over(b"".join(block))
+                await hand_over(block)
             await hand_over(None)
             while converting:
                 await emit_oldest()
@@ -404,40 +404,65 @@ class _ArrowConverter:
         )
         self._parquet = fmt == content_pb2.EXPORT_FORMAT_PARQUET
         self._drain = _Drain()
-        sink = pa.PythonFile(self._drain, mode="w")
-        self._writer: Any = (
+        self._writer = (
             pyarrow.parquet.ParquetWriter(
-                sink,
+                pa.PythonFile(self._drain, mode="w"),
                 self._schema,
                 compression="snappy",
                 use_dictionary=[f for f in fields if f in DICTIONARY_FIELDS] or False,
             )
             if self._parquet
-            else pyarrow.ipc.new_stream(sink, self._schema)
+            else None
         )
+        self._schema_sent = False
         self._group: list[pa.Table] = []
         self._grouped_bytes = 0
 
-    def convert(self, data: bytes | None) -> list[tuple[bytes, int]]:
-        """The file's bytes that `data` (whole CSV rows) makes, with the rows
-        that end in them; None: the end of the rows, which closes the file."""
+    def convert(self, pieces: list[bytes | bytearray] | None) -> list[tuple[bytes, int]]:
+        """The file's bytes that `pieces` (whole CSV rows) make, in slices of at
+        most CHUNK_BYTES, each with the rows that end in it; None: the end of
+        the rows, which closes the file. The joining and slicing happen here,
+        off the event loop, which then only passes the slices on: the loop
+        reads the COPY without a pause, so the COPY does not wait."""
+        return [
+            piece
+            for data, rows in self._convert(None if pieces is None else b"".join(pieces))
+            for piece in _slices(data, rows)
+        ]
+
+    def _convert(self, data: bytes | None) -> list[tuple[Bytes, int]]:
+        if self._writer is None:
+            return self._ipc_messages(None if data is None else self._parse(data))
         if data is None:
             output = self._flush()
             self._writer.close()
             output.append((self._drain.take(), 0))
             return output
         table = self._parse(data)
-        if not self._parquet:
-            self._writer.write_table(table)
-            return [(self._drain.take(), table.num_rows)]
         self._group.append(table)
         self._grouped_bytes += len(data)
         return self._flush() if self._grouped_bytes >= ROW_GROUP_BYTES else []
 
-    def _flush(self) -> list[tuple[bytes, int]]:
+    def _ipc_messages(self, table: pa.Table | None) -> list[tuple[Bytes, int]]:
+        """Arrow IPC's streaming format, message by message: the schema first,
+        then each record batch as pyarrow serialises it (one contiguous buffer,
+        handed on without a copy through a Python file), and after the last
+        the end-of-stream marker."""
+        output: list[tuple[Bytes, int]] = []
+        if not self._schema_sent:
+            output.append((self._schema.serialize(), 0))
+            self._schema_sent = True
+        if table is None:
+            output.append((_IPC_END_OF_STREAM, 0))
+        else:
+            output.extend((batch.serialize(), batch.num_rows) for batch in table.to_batches())
+        return output
+
+    def _flush(self) -> list[tuple[Bytes, int]]:
         """Writes the gathered tables as one Parquet row group."""
         if not self._group:
             return []
+        assert self._writer is not None
         group = pa.concat_tables(self._group)
         self._group, self._grouped_bytes = [], 0
         self._writer.write_table(group, row_group_size=max(group.num_rows, 1))
@@ -461,6 +486,8 @@ class _ArrowConverter:
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
                 timestamp_parsers=[pyarrow.csv.ISO8601],
+                # The database sends UTF-8 (its client encoding): nothing to check.
+                check_utf8=False,
             ),
         )
         return pa.Table.from_arrays(
@@ -472,7 +499,19 @@ class _ArrowConverter:
         )
 
 
+def _slices(data: Bytes, rows: int) -> list[tuple[bytes, int]]:
+    """`data` cut into pieces of at most CHUNK_BYTES, the rows in the last."""
+    view = memoryview(data)
+    pieces = [
+        (bytes(view[start : start + CHUNK_BYTES]), 0) for start in range(0, len(view), CHUNK_BYTES)
+    ] or [(b"", 0)]
+    pieces[-1] = (pieces[-1][0], rows)
+    return pieces
+
+
 _STRING_LIST = pa.list_(pa.string())
+# An IPC stream ends with a continuation marker and a zero length.
+_IPC_END_OF_STREAM = b"\xff\xff\xff\xff\x00\x00\x00\x00"
 
 
 def _string_lists(column: pa.Array) -> pa.Array:
