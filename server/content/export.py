@@ -483,6 +483,9 @@ class _ArrowConverter:
             parse_options=pyarrow.csv.ParseOptions(newlines_in_values=True),
             convert_options=pyarrow.csv.ConvertOptions(
                 column_types=self._as_read,
+                # NULL is what PostgreSQL leaves empty and unquoted, and
+                # nothing else: not pyarrow's default "NULL", "N/A", "NaN"...
+                null_values=[""],
                 strings_can_be_null=True,
                 quoted_strings_can_be_null=False,
                 timestamp_parsers=[pyarrow.csv.ISO8601],

@@ -209,6 +209,27 @@ async def test_parquet_columns_are_typed(content_stub, alice, alices_rows):
 
 
 @pytest.mark.parametrize("kind", FORMATS)
+async def test_text_that_reads_like_a_null_stays_text(content_stub, alice, kind):
+    # pyarrow reads "N/A", "null", "NaN"... as NULL unless told otherwise.
+    platform = f"nullish-{uuid.uuid4().hex[:12]}"
+    words = ["N/A", "null", "NULL", "NaN", "nan", "NA", "#N/A", "-nan", "None"]
+    for word in words:
+        await create(content_stub, alice, platform=platform, title=word, text_content=word)
+    data, _ = await export(
+        content_stub,
+        alice,
+        filter=content_pb2.ContentFilter(platforms=[platform]),
+        format=FORMATS[kind],
+        columns=["title", "text_content", "collection_run_id"],
+    )
+    rows = read_rows(kind, data)
+    assert sorted(row["title"] for row in rows) == sorted(words)
+    assert all(row["text_content"] == row["title"] for row in rows)
+    # An unset run is NULL: empty in CSV, null in the other formats.
+    assert {row["collection_run_id"] for row in rows} == {"" if kind == "csv" else None}
+
+
+@pytest.mark.parametrize("kind", FORMATS)
 async def test_columns_choose_and_order_the_fields(content_stub, alice, alices_rows, kind):
     data, _ = await export(
         content_stub,
