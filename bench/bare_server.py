@@ -4,12 +4,15 @@ reads and pages return constant messages.
 
     python -m bench.bare_server --listen 127.0.0.1:PORT --workers N \
         --get get.bin [--list list.bin] [--resolve-actor actor.bin] \
-        [--get-balance balance.bin] [--event-loop asyncio|uvloop]
+        [--get-balance balance.bin] [--search-similar hits.bin] \
+        [--event-loop asyncio|uvloop]
 
 Each file holds the real service's serialized answer to the benchmarked
 request (so the responses have the same serialized size): a Content for
 ContentService.GetContent, a ListContentResponse for ListContent, an Actor for
-ActorService.ResolveActor, a Balance for CreditService.GetBalance. A service
+ActorService.ResolveActor, a Balance for CreditService.GetBalance, and a
+SearchSimilarBatchResponse whose first result's hits VectorService.SearchSimilar
+streams, one message per hit (as the service does). A service
 whose answer is not given is not served. It also serves grpc.health.v1 so the
 bench can wait for it the same way. `--event-loop` runs the worker on uvloop
 or on asyncio's own loop (the default), as OBSERVATORY_EVENT_LOOP does for the
@@ -21,7 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,8 @@ from observatory.v1 import (
     content_pb2_grpc,
     credit_pb2,
     credit_pb2_grpc,
+    vector_pb2,
+    vector_pb2_grpc,
 )
 
 from server.settings import Settings
@@ -80,6 +85,17 @@ class ConstantBalance(credit_pb2_grpc.CreditServiceServicer):
         return self._balance
 
 
+class ConstantHits(vector_pb2_grpc.VectorServiceServicer):
+    def __init__(self, hits: vector_pb2.SearchSimilarBatchResponse) -> None:
+        self._hits = list(hits.results[0].hits)
+
+    async def SearchSimilar(
+        self, request: vector_pb2.SearchSimilarRequest, context: Any
+    ) -> AsyncIterator[vector_pb2.ScoredItem]:
+        for hit in self._hits:
+            yield hit
+
+
 @dataclass(frozen=True)
 class Answers:
     """The serialized constant answers (None: that service is not served)."""
@@ -88,6 +104,7 @@ class Answers:
     listing: bytes | None = None
     actor: bytes | None = None
     balance: bytes | None = None
+    hits: bytes | None = None
 
 
 async def serve(listen: str, workers: int, answers: Answers) -> None:
@@ -114,6 +131,10 @@ async def serve(listen: str, workers: int, answers: Answers) -> None:
     if answers.balance is not None:
         credit_pb2_grpc.add_CreditServiceServicer_to_server(
             ConstantBalance(credit_pb2.Balance.FromString(answers.balance)), registry
+        )
+    if answers.hits is not None:
+        vector_pb2_grpc.add_VectorServiceServicer_to_server(
+            ConstantHits(vector_pb2.SearchSimilarBatchResponse.FromString(answers.hits)), registry
         )
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), registry)
     server.add_insecure_port(listen)
@@ -149,6 +170,9 @@ def main() -> None:
     parser.add_argument("--list", type=Path, help="a serialized ListContentResponse")
     parser.add_argument("--resolve-actor", type=Path, help="a serialized Actor")
     parser.add_argument("--get-balance", type=Path, help="a serialized Balance")
+    parser.add_argument(
+        "--search-similar", type=Path, help="a serialized SearchSimilarBatchResponse"
+    )
     parser.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = parser.parse_args()
 
@@ -160,6 +184,7 @@ def main() -> None:
         listing=read(args.list),
         actor=read(args.resolve_actor),
         balance=read(args.get_balance),
+        hits=read(args.search_similar),
     )
     if args.list is not None and args.get is None:
         parser.error("--list needs --get (both are ContentService's)")

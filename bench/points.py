@@ -220,6 +220,7 @@ class Bench:
         ]
         for method, flag in BARE_FLAGS.items():
             argv += [flag, str(self.files / f"{method}.resp")]
+        argv += ["--search-similar", str(self.files / "SearchSimilar.resp")]
         log = DATA_DIR / f"bare-{SUITE}-{loop}.log"
         return Child(f"the bare server ({loop})", argv, dict(os.environ), log)
 
@@ -372,6 +373,9 @@ class Bench:
         self.files.mkdir(parents=True, exist_ok=True)
         for method, answer in answers.items():
             (self.files / f"{method}.resp").write_bytes(answer.SerializeToString())
+        streamed = vector_pb2.SearchSimilarBatchResponse()
+        streamed.results.add().hits.extend(hits)
+        (self.files / "SearchSimilar.resp").write_bytes(streamed.SerializeToString())
         self.answers = answers
         self.notes.append(
             "each h2load request was first sent once through a grpc.aio client to each "
@@ -497,7 +501,17 @@ class Bench:
                         f"ours, SearchSimilar, {loop}", child, port, SEARCH,
                         requests["SearchSimilar"], round_, 1, SEARCH_STREAMS,
                     )  # fmt: skip
-                    say(f"    SearchSimilar on {loop}: ours {rate:,.0f}/s")
+                    child, port = bare[loop]
+                    label = f"bare, SearchSimilar, {loop}"
+                    with self._metered(label, child.pid, round_) as cores:
+                        result = self._h2load(
+                            port, SEARCH, requests["SearchSimilar"], 1, SEARCH_STREAMS
+                        )
+                    child.check_alive()
+                    self.samples.add(label, result.rate, cores)
+                    say(
+                        f"    SearchSimilar on {loop}: ours {rate:,.0f}/s, bare {result.rate:,.0f}/s"
+                    )
                 label = "raw, SearchSimilar"
                 with self._metered(label, 0, round_) as cores:
                     rate = await load.closed_loop(
@@ -536,6 +550,27 @@ class Bench:
                     "queries/s",
                     f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
                     SEARCH_TARGET,
+                )
+            )
+        for loop in cfg.loops:
+            rows.append(
+                Row(
+                    f"SearchSimilar {TOP_K} streamed hits, {SEARCH_STREAMS} streams, {loop}: "
+                    "ours / bare",
+                    m(f"ours, SearchSimilar, {loop}"),
+                    m(f"bare, SearchSimilar, {loop}"),
+                    "queries/s",
+                    f"bare grpc.aio on {loop}, the same {TOP_K} hits streamed, no database",
+                )
+            )
+            rows.append(
+                Row(
+                    f"SearchSimilar {TOP_K} streamed hits, {SEARCH_STREAMS} streams, {loop}: "
+                    "the framework's ceiling (bare / raw)",
+                    m(f"bare, SearchSimilar, {loop}"),
+                    m("raw, SearchSimilar"),
+                    "queries/s",
+                    f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
                 )
             )
         if set(LOOPS) <= set(cfg.loops):
