@@ -79,7 +79,7 @@ def _resource(spec: CollectionSpec) -> str:
 
 
 def _not_found(name: str) -> errors.NotFound:
-    return errors.NotFound(f"collection {name!r} not found")
+    return errors.NotFound(f"collection {errors.quote(name)} not found")
 
 
 async def retry_ddl(uow: UnitOfWork, ddl: Callable[[], Awaitable[None]]) -> None:
@@ -138,7 +138,9 @@ class VectorService:
             repo = CollectionRepository(uow)
             spec = await repo.insert({**values, "owner_id": caller.user_id})
             if spec is None:
-                raise errors.AlreadyExists(f"collection {message.name!r} already exists")
+                raise errors.AlreadyExists(
+                    f"collection {errors.quote(message.name)} already exists"
+                )
             await retry_ddl(uow, lambda: repo.create_storage(spec))
             self._specs.pop((caller.user_id, spec.name), None)
             await AuditRepository(uow.conn).record(
@@ -229,7 +231,7 @@ class VectorService:
             if spec.id != cached.id:
                 row = await self._items.get((spec.id, item_id))
         if row is None:
-            raise errors.NotFound(f"item {errors.quote(item_id)} not found in {name!r}")
+            raise errors.NotFound(f"item {errors.quote(item_id)} not found in {errors.quote(name)}")
         item = vector_pb2.Item()
         hits = _ITEM_HITS_WITH_VECTOR if request.with_vector else _ITEM_HITS
         convert.item_to_proto(row, spec, hits, item)
@@ -288,7 +290,7 @@ class VectorService:
         self._specs.pop(key, None)
         if await self._collections.get(key) is None:
             return _not_found(name)
-        return errors.Aborted(f"collection {name!r} was re-created meanwhile; retry")
+        return errors.Aborted(f"collection {errors.quote(name)} was re-created meanwhile; retry")
 
     async def search_similar(
         self, caller: Principal, request: vector_pb2.SearchSimilarRequest

@@ -126,10 +126,10 @@ class Upsert:
             # Key-share: concurrent upserts pass, DeleteCollection waits for us.
             spec = await repo.lock(self._caller.user_id, self._spec.name)
             if spec is None:
-                raise errors.NotFound(f"collection {self._spec.name!r} not found")
+                raise errors.NotFound(f"collection {errors.quote(self._spec.name)} not found")
             if spec.id != self._spec.id:
                 raise errors.Aborted(
-                    f"collection {self._spec.name!r} was re-created meanwhile; retry"
+                    f"collection {errors.quote(self._spec.name)} was re-created meanwhile; retry"
                 )
             refused = bulk.ItemErrors()
             records, indices = await self._own_content(uow, batch, refused)
