@@ -79,8 +79,8 @@ DICTIONARY_FIELDS = frozenset(
 SESSION_SETTINGS = {"TimeZone": "UTC", "DateStyle": "ISO"}
 
 Format: TypeAlias = content_pb2.ExportFormat.ValueType
-# A piece of an export's file: COPY's pieces, pyarrow's buffers.
-Bytes: TypeAlias = bytes | bytearray | pa.Buffer
+# A piece of a converted export's file, as pyarrow makes it.
+Bytes: TypeAlias = bytes | pa.Buffer
 _FORMATS = frozenset(
     {
         content_pb2.EXPORT_FORMAT_NDJSON,
@@ -144,12 +144,12 @@ class _Chunker:
         self._total: asyncio.Future[int] | None = total
         self._held: list[tuple[bytes, int]] = []
         self._held_bytes = 0
-        self._parts: list[Bytes] = []
+        self._parts: list[bytes | bytearray] = []
         self._size = 0
         self._rows = 0
         self._sent = False
 
-    async def add(self, data: Bytes, rows: int) -> None:
+    async def add(self, data: bytes | bytearray, rows: int) -> None:
         """Adds `data`, in which `rows` rows end. A chunk never exceeds
         CHUNK_BYTES: a piece that does not fit in the current chunk starts the
         next one, and a piece larger than a chunk (a huge row, a Parquet row
@@ -446,8 +446,8 @@ class _ArrowConverter:
     def _ipc_messages(self, table: pa.Table | None) -> list[tuple[Bytes, int]]:
         """Arrow IPC's streaming format, message by message: the schema first,
         then each record batch as pyarrow serialises it (one contiguous buffer,
-        handed on without a copy through a Python file), and after the last
-        the end-of-stream marker."""
+        taken as it is rather than copied out through a Python file), and
+        after the last the end-of-stream marker."""
         output: list[tuple[Bytes, int]] = []
         if not self._schema_sent:
             output.append((self._schema.serialize(), 0))
