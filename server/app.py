@@ -45,6 +45,7 @@ from server.ops import metrics, tracing
 from server.ops.http import SidePort
 from server.periodic import Periodic
 from server.settings import Settings
+from server.vectors import wire
 from server.vectors.service import VectorService
 from server.vectors.servicer import VectorServicer
 
@@ -161,7 +162,12 @@ async def create_server(settings: Settings, database_url: str) -> App:
     server = grpc.aio.server(
         # One interceptor: a call crosses nothing else (limits are its admission).
         interceptors=[
-            ObservatoryInterceptor(Authenticator(settings), tracing.configure(), admission=limits)
+            ObservatoryInterceptor(
+                Authenticator(settings),
+                tracing.configure(),
+                admission=limits,
+                decoders={wire.UPSERT_ITEMS_METHOD: wire.decode_upsert_items},
+            )
         ],
         options=server_options(settings),
     )

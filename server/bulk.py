@@ -31,10 +31,9 @@ import hashlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 from observatory.v1 import common_pb2
 
 from server.db import sqlstate
@@ -54,6 +53,16 @@ _RETRIED_SQLSTATES = ("40P01", "40001")
 _ROW_ERROR_CLASSES = ("22", "23", "54")
 
 R = TypeVar("R")
+
+
+class Element(Protocol):
+    """What a Batcher needs of a stream's element (a protobuf message)."""
+
+    def ByteSize(self) -> int: ...
+
+    def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
+
+
 M = TypeVar("M")
 
 
@@ -124,7 +133,7 @@ class Batcher(Generic[R]):
         self.received = 0
         self._batch: Batch[R] = Batch(0, -1)
 
-    def add(self, element: Message, record: R | None) -> Batch[R] | None:
+    def add(self, element: Element, record: R | None) -> Batch[R] | None:
         """Adds the stream's next element, with its record (None: validation
         refused it); returns the batch it completed, if any."""
         index = self.received

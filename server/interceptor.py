@@ -11,7 +11,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeAlias
 
 import grpc
@@ -200,8 +200,12 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         authenticator: Authenticator,
         tracer: tracing.Tracer | None = None,
         admission: Admission | None = None,
+        decoders: Mapping[str, Deserializer] | None = None,
     ) -> None:
         self._auth = authenticator
+        # Methods whose requests are decoded otherwise than by the generated
+        # deserializer (server.vectors.wire), by full method name.
+        self._decoders = dict(decoders or {})
         self._admission: Admission = admission or _AdmitAll()
         self._tracer = tracer
         # Each method's handler, wrapped once: the server's handlers do not
@@ -282,7 +286,9 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         """The same handler with our steps around it. It is registered without
         a request deserializer, so that undecodable bytes become
         INVALID_ARGUMENT here instead of UNKNOWN inside gRPC."""
-        decode: Deserializer = handler.request_deserializer or (lambda raw: raw)
+        decode: Deserializer = (
+            self._decoders.get(method_name) or handler.request_deserializer or (lambda raw: raw)
+        )
         one: Requests = lambda raw, call: _decode(decode, raw, call)  # noqa: E731
         many: Requests = lambda raw, call: _decode_stream(decode, raw, call)  # noqa: E731
         serializer = handler.response_serializer

@@ -32,6 +32,7 @@ from server.vectors.repository import (
     binary_vectors,
     dump_json,
 )
+from server.vectors.wire import WireItem
 
 SimilarRequest = vector_pb2.SearchSimilarRequest | vector_pb2.SimilarQuery
 
@@ -190,11 +191,12 @@ def metadata_json(value: struct_pb2.Struct, field: str) -> str:
 
 
 def item_records(
-    items: Sequence[vector_pb2.Item], spec: CollectionSpec
+    items: Sequence[WireItem], spec: CollectionSpec
 ) -> list[tuple[Any, ...] | errors.InvalidArgument]:
     """Per item, its COPY record (repository.STAGED_COLUMNS order) or why it is
-    refused (fields relative to the item). The vectors of all `items` are
-    converted and checked together, with one numpy call each."""
+    refused (fields relative to the item). The vectors of all `items` (as
+    server.vectors.wire decodes them) are converted and checked together,
+    with one numpy call each."""
     vectors, problems = _item_vectors(items, spec)
     half = spec.precision == "float16"
     out: list[tuple[Any, ...] | errors.InvalidArgument] = []
@@ -222,23 +224,29 @@ def item_records(
 
 
 def _item_vectors(
-    items: Sequence[vector_pb2.Item], spec: CollectionSpec
+    items: Sequence[WireItem], spec: CollectionSpec
 ) -> tuple[list[Any], list[str | None]]:
     """The items' vectors in the collection's binary form, and per item why its
-    vector is refused (None: it is not), as `vector_value` would refuse it."""
+    vector is refused (None: it is not), as `vector_value` would refuse it.
+    Each vector arrives as its float32 bytes: the right-sized ones are read
+    by one np.frombuffer, not value by value."""
     dimension = spec.dimension
+    width = 4 * dimension
+    raw = [item.vector for item in items]
     problems: list[str | None] = [
         None
-        if (size := len(item.vector)) == dimension
-        else f"has {size} values; the collection's dimension is {dimension}"
-        for item in items
+        if len(vector) == width
+        else f"has {len(vector) // 4} values; the collection's dimension is {dimension}"
+        for vector in raw
     ]
     matrix = np.zeros((len(items), dimension), np.float32)
     sized = [i for i, problem in enumerate(problems) if problem is None]
     if len(sized) == len(items):
-        matrix[:] = np.asarray([item.vector for item in items], np.float32).reshape(matrix.shape)
+        matrix[:] = np.frombuffer(b"".join(raw), "<f4").reshape(matrix.shape)
     elif sized:
-        matrix[sized] = np.asarray([items[i].vector for i in sized], np.float32)
+        matrix[sized] = np.frombuffer(b"".join(raw[i] for i in sized), "<f4").reshape(
+            len(sized), dimension
+        )
     with np.errstate(over="ignore", invalid="ignore"):
         finite = np.logical_and.reduce(np.isfinite(matrix), axis=1)
         # Each value fits a float32 but their norm may not: every distance to

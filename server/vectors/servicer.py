@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from google.protobuf import empty_pb2
@@ -14,6 +14,7 @@ from server.auth import principal
 from server.limits import Limits
 from server.ops import metrics
 from server.uow import Database
+from server.vectors import wire
 from server.vectors.service import VectorService
 from server.vectors.upsert import Upsert
 
@@ -57,7 +58,10 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
         self, request_iterator: AsyncIterator[vector_pb2.UpsertItemsRequest], context: Context
     ) -> vector_pb2.UpsertItemsResponse:
         caller = principal()
-        first = await anext(request_iterator, None)
+        # Decoded by wire.decode_upsert_items (the interceptor's decoder for
+        # this method): each item's vector as its float32 bytes.
+        requests = cast(AsyncIterator[wire.WireRequest], request_iterator)
+        first = await anext(requests, None)
         if first is None:
             return vector_pb2.UpsertItemsResponse()
         # On the primary (a replica may not have the collection yet): one
@@ -66,7 +70,7 @@ class VectorServicer(vector_pb2_grpc.VectorServiceServicer):
             spec = await self._service.upsert_target(uow, caller, first.collection)
         # No unit for the stream: each batch is written in a unit of its own
         # (server.vectors.upsert), so no connection waits on the client.
-        rest = bulk.whole_stream(request_iterator, context)
+        rest = bulk.whole_stream(requests, context)
         return await Upsert(self._db, self._limits.bulk, caller, spec).run(first, rest)
 
     async def GetItem(

@@ -48,6 +48,7 @@ from server.content.repository import ContentRepository
 from server.uow import Database, UnitOfWork
 from server.vectors import convert
 from server.vectors.repository import CollectionRepository, CollectionSpec
+from server.vectors.wire import WireRequest
 
 # Items converted between two turns of the event loop (a few milliseconds at
 # the usual dimensions): the batches in flight feed their COPYs meanwhile.
@@ -73,8 +74,8 @@ class Upsert:
 
     async def run(
         self,
-        first: vector_pb2.UpsertItemsRequest,
-        rest: AsyncIterator[vector_pb2.UpsertItemsRequest],
+        first: WireRequest,
+        rest: AsyncIterator[WireRequest],
     ) -> vector_pb2.UpsertItemsResponse:
         batcher: bulk.Batcher[Record] = bulk.Batcher(self._loader.budget)
         async with self._loader.pipeline(self._write) as pipeline:
@@ -94,7 +95,7 @@ class Upsert:
 
     async def _absorb(
         self,
-        message: vector_pb2.UpsertItemsRequest,
+        message: WireRequest,
         batcher: bulk.Batcher[Record],
         pipeline: bulk.Pipeline[Record],
     ) -> None:
