@@ -3,9 +3,12 @@ validation that names the offending field."""
 
 from __future__ import annotations
 
+import json
+import json.encoder
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf import field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
@@ -13,6 +16,28 @@ from google.protobuf.message import Message
 from server import errors
 from server.validate import optional_uuid as optional_uuid  # also offered here
 from server.validate import parse_uuid as parse_uuid
+
+
+def _not_json(value: Any) -> NoReturn:
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def _compact_json() -> Callable[[Any], str]:
+    """`json.dumps(value, separators=(",", ":"), ensure_ascii=False)` for
+    values without cycles (what a Struct converts to). JSONEncoder.encode
+    builds its C encoder anew on every call, which costs more than encoding
+    a small object; this one is built once."""
+    make = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
+    if make is None:  # a Python without the _json accelerator
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    encoder = make(
+        None, _not_json, json.encoder.encode_basestring, None, ":", ",", False, False, True
+    )
+    return lambda value: "".join(encoder(value, 0))
+
+
+# JSON text for JSONB columns: compact, non-ASCII characters as they are.
+to_json = _compact_json()
 
 # The range of Timestamp (and of the service): 0001-01-01T00:00:00Z to
 # 9999-12-31T23:59:59.999999999Z. PostgreSQL keeps microseconds, so the last

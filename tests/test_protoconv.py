@@ -1,10 +1,12 @@
 """Conversions between protobuf well-known types and Python values."""
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from server import protoconv
 from server.content.convert import content_hash
 from server.protoconv import set_timestamp, struct_to_dict
 
@@ -65,3 +67,24 @@ def test_content_hash_normalises_case_width_and_whitespace():
     assert content_hash("Title only", "") == content_hash(None, "title only")
     assert content_hash("", "") is None
     assert content_hash(None, "   ") is None
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {},
+        {"cluster": 12.0, "n": 3, "big": 2**70, "ok": True, "no": False, "none": None},
+        {"å ü 🚀": 'tab\there "quoted" back\\slash \u2028 \x01', "": ""},
+        {"nested": {"list": [1, 2.5, [], {}, [None, "x"]], "deep": {"a": {"b": [0.1, 1e300]}}}},
+        [1, "two", 3.0],
+        "plain text",
+        -0.0,
+    ],
+)
+def test_to_json_writes_what_json_dumps_writes(value):
+    assert protoconv.to_json(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def test_to_json_refuses_what_is_not_json():
+    with pytest.raises(TypeError, match="set"):
+        protoconv.to_json({"k": {1, 2}})

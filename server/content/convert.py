@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import unicodedata
 import uuid
@@ -25,6 +24,7 @@ from server.protoconv import (
     set_timestamp,
     timestamp_field,
     timestamp_value,
+    to_json,
 )
 from server.urls import normalize_url, plain_normalized_url
 
@@ -200,9 +200,6 @@ def normalized_url(url: str | None) -> str | None:
     return normalized
 
 
-_to_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
-
 def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[Any, ...]:
     """One COPY record (INSERT_COLUMNS order); raw_metadata as JSON text.
 
@@ -214,7 +211,7 @@ def ingest_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[An
     if record is not None:
         return record
     values = new_content_values(message, owner_id)
-    values["raw_metadata"] = _to_json(values["raw_metadata"])
+    values["raw_metadata"] = to_json(values["raw_metadata"])
     return tuple(values[column] for column in INSERT_COLUMNS)
 
 
@@ -310,7 +307,7 @@ def _plain_record(message: content_pb2.Content, owner_id: uuid.UUID) -> tuple[An
         author_id,
         *counts,
         terms,
-        _to_json(metadata),
+        to_json(metadata),
         content_hash(title, text_content),
         normalized,
     )

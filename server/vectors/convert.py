@@ -21,6 +21,7 @@ from server.protoconv import (
     optional_uuid,
     set_timestamp,
     struct_to_dict,
+    to_json,
 )
 from server.urls import normalize_url
 from server.vectors import filters
@@ -30,7 +31,6 @@ from server.vectors.repository import (
     Hits,
     SimilarSearch,
     binary_vectors,
-    dump_json,
 )
 from server.vectors.wire import WireItem
 
@@ -185,7 +185,7 @@ def metadata_json(value: struct_pb2.Struct, field: str) -> str:
     if not value.fields:  # most items carry none: skip the conversion
         return "{}"
     try:
-        return dump_json(struct_to_dict(value))
+        return to_json(struct_to_dict(value))
     except ValueError as exc:
         raise errors.InvalidArgument(field, str(exc)) from None
 
@@ -273,7 +273,7 @@ def item_metadata(value: struct_pb2.Struct) -> str:
     """Item.metadata as JSON (within the bounds of protoconv.bounded_struct)."""
     if not value.fields:  # most items carry none: skip the conversion
         return "{}"
-    return dump_json(bounded_struct(value, "metadata"))
+    return to_json(bounded_struct(value, "metadata"))
 
 
 def filter_json(value: struct_pb2.Struct, field: str = "filter") -> str | None:

@@ -1009,11 +1009,3 @@ class ItemSearch:
 async def item_search(uow: UnitOfWork, spec: CollectionSpec) -> ItemSearch:
     """Searches of `spec`'s items on `uow` (its connection gets the codecs)."""
     return ItemSearch(await with_vector_codecs(uow), spec)
-
-
-# One encoder for every call: json.dumps with options builds a new one each time.
-_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-
-
-def dump_json(value: Any) -> str:
-    return _JSON.encode(value)
