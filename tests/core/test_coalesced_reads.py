@@ -121,3 +121,90 @@ async def test_batches_run_at_most_their_bound_at_once_and_answer_everyone(in_fl
         assert answer == [(group, n * n), (group, (n + 1) ** 2)]
     assert most == {"g": in_flight, "h": in_flight}  # each group at its bound, not past it
     assert max(sizes) <= 8 and len(sizes) < 60  # shared, and cut at max_batch
+
+
+async def test_queued_reads_gather_the_calls_that_arrive_over_the_next_turns():
+    """A quick query returns before the calls that follow have all arrived:
+    the batch after it lingers (yielding to the loop) so that those arriving
+    over the next turns share one query instead of one each."""
+    from server.coalesce import Batches
+
+    batches_run: list[list[int]] = []
+
+    async def run(_: None, items):
+        batches_run.append(list(items))
+        for _ in range(2):  # a quick query: back two turns later
+            await asyncio.sleep(0)
+        return [item * item for item in items]
+
+    batches = Batches(run, max_batch=1000, linger_s=10.0)  # bounded by turns and keys here
+
+    async def arrive_one_per_turn(n: int) -> int:
+        for _ in range(n):
+            await asyncio.sleep(0)
+        (answer,) = await batches.submit(None, [n])
+        return answer
+
+    answers = await asyncio.gather(*(arrive_one_per_turn(n) for n in range(9)))
+
+    assert answers == [n * n for n in range(9)]
+    # The first ran alone at once; the next 8 (LINGER_KEYS) waited for each
+    # other; without lingering they share a query only with those that
+    # arrived during the one before (below).
+    assert batches_run == [[0], list(range(1, 9))]
+
+
+async def test_without_linger_the_queued_reads_do_not_wait_for_more():
+    from server.coalesce import Batches
+
+    batches_run: list[list[int]] = []
+
+    async def run(_: None, items):
+        batches_run.append(list(items))
+        for _ in range(2):
+            await asyncio.sleep(0)
+        return [item * item for item in items]
+
+    batches = Batches(run, max_batch=1000)
+
+    async def arrive_one_per_turn(n: int) -> int:
+        for _ in range(n):
+            await asyncio.sleep(0)
+        (answer,) = await batches.submit(None, [n])
+        return answer
+
+    await asyncio.gather(*(arrive_one_per_turn(n) for n in range(9)))
+    assert len(batches_run) > 2
+
+
+async def test_lingering_ends_at_its_time_bound():
+    """On a loop whose turns are slow, a lingering batch still starts once
+    linger_s have passed since the batch before it started, long before its
+    turn limit."""
+    import time
+
+    from server.coalesce import LINGER_TURNS, Batches
+
+    started: list[float] = []
+
+    async def run(_: None, items):
+        started.append(time.monotonic())
+        await asyncio.sleep(0)
+        return list(items)
+
+    async def busy_loop() -> None:  # every turn of the loop takes 5 ms
+        while True:
+            time.sleep(0.005)  # noqa: ASYNC251 (a slow turn, on purpose)
+            await asyncio.sleep(0)
+
+    busy = asyncio.create_task(busy_loop())
+    try:
+        batches = Batches(run, max_batch=1000, linger_s=0.02)
+        first = asyncio.create_task(batches.submit(None, [1]))
+        await asyncio.sleep(0)
+        assert await batches.submit(None, [2]) == [2]  # queued behind the first
+        assert await first == [1]
+    finally:
+        busy.cancel()
+    waited = started[1] - started[0]
+    assert 0.02 <= waited < LINGER_TURNS * 0.005 / 2
