@@ -11,12 +11,15 @@ passed since the one before it started, or once LINGER_KEYS calls wait,
 yielding to the event loop meanwhile so that the calls gRPC hands over join
 it. grpc.aio hands new calls to the loop about one per turn, and a cheap
 query returns within a turn or two: without lingering, 64 concurrent
-GetBalance or ResolveActor calls shared a query about 1.03 times, each paying
-its own checkout and round trip (~150-200 µs of the loop's CPU), and with it
-they share it 5 to 9 times. A slow query gathers that many while it is in
-flight, so the next batch does not wait. Only queued work lingers: a call
-that finds nothing in flight still runs at once, so an idle server adds no
-latency, and a call never waits more than LINGER_S beyond the batch before.
+GetBalance calls shared a query about once, each paying its own checkout and
+round trip (~150-200 µs of the loop's CPU); with it about three times, and
+the worker answers half as many calls again. A slow query gathers calls
+while it is in flight, so the next batch barely waits. Lingering goes on
+only while it pays: when the calls that joined lingering batches average
+under one (a few callers, all queued already), only every LINGER_PROBE-th
+batch lingers. A call that finds nothing in flight still runs at once, so an
+idle server adds no latency, and no call waits more than LINGER_S beyond the
+batch before its own.
 
 `PointReads` builds on it: point reads answered together by one `= ANY($1)`
 query. Tenancy stays with the caller: the batch fetches rows by key only, and
@@ -55,6 +58,10 @@ LINGER_TURNS = 40
 # A batch this large lingers no more: its fixed cost (a checkout and a round
 # trip, ~150-200 µs of the loop) is then a small part of each call's.
 LINGER_KEYS = 8
+# Batches linger while at least this many calls joined the recent lingering
+# batches on average; otherwise only every LINGER_PROBE-th one does.
+LINGER_WORTH = 1.0
+LINGER_PROBE = 16
 
 # `run(group, items)` answers `items` (all of `group`), one result per item in order.
 Run = Callable[[G, Sequence[T]], Awaitable[Sequence[R]]]
@@ -77,6 +84,8 @@ class Batches(Generic[G, T, R]):
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
         self._linger_s = linger_s
+        self._joining = float(LINGER_WORTH)  # see _linger
+        self._batches_run = 0
         self._in_flight: dict[G, int] = {}
         self._waiting: dict[G, list[tuple[T, asyncio.Future[R]]]] = {}
         self._drainers: set[asyncio.Task[None]] = set()
@@ -134,13 +143,27 @@ class Batches(Generic[G, T, R]):
         before it started, or LINGER_KEYS items wait, for at most
         LINGER_TURNS turns, so that the calls gRPC hands over meanwhile join
         it. A slow query gathers calls enough while it is in flight; after a
-        quick one the next batch waits for the rest of `linger_s`."""
+        quick one the next batch waits for the rest of `linger_s`.
+
+        Only while it pays: `_joining` follows how many calls joined while
+        batches lingered (an average over the last few); below LINGER_WORTH
+        (a few callers, all of whom had queued already) only every
+        LINGER_PROBE-th batch lingers, to notice when more callers come."""
         deadline = since + self._linger_s
+        if time.monotonic() >= deadline:
+            return
+        self._batches_run += 1
+        if self._joining < LINGER_WORTH and self._batches_run % LINGER_PROBE:
+            return
         enough = min(LINGER_KEYS, self._max_batch)
+        queued = len(self._waiting.get(group, ()))
+        waiting = queued
         for _ in range(LINGER_TURNS):
-            if len(self._waiting.get(group, ())) >= enough or time.monotonic() >= deadline:
-                return
+            if waiting >= enough or time.monotonic() >= deadline:
+                break
             await asyncio.sleep(0)
+            waiting = len(self._waiting.get(group, ()))
+        self._joining += (waiting - queued - self._joining) / 4
 
     def _release(self, group: G) -> None:
         running = self._in_flight.get(group, 1) - 1

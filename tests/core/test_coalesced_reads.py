@@ -208,3 +208,40 @@ async def test_lingering_ends_at_its_time_bound():
         busy.cancel()
     waited = started[1] - started[0]
     assert 0.02 <= waited < LINGER_TURNS * 0.005 / 2
+
+
+async def test_lingering_stops_while_nobody_joins_the_lingering_batches():
+    """Two callers with time between their calls: the one that queued is the
+    only one to come, so lingering would only delay it. After a lingering
+    batch that nobody joined, only every LINGER_PROBE-th batch lingers."""
+    import statistics
+    import time
+
+    from server.coalesce import Batches
+
+    async def run(_: None, items):
+        await asyncio.sleep(0)
+        return list(items)
+
+    async def slow_turns() -> None:  # every turn of the loop takes 2 ms
+        while True:
+            time.sleep(0.002)  # noqa: ASYNC251 (a slow turn, on purpose)
+            await asyncio.sleep(0)
+
+    linger_s = 0.05  # far above a turn: a lingering batch is plain to see
+    batches = Batches(run, max_batch=1000, linger_s=linger_s)
+    waits = []
+    turns = asyncio.create_task(slow_turns())
+    try:
+        for i in range(12):
+            first = asyncio.create_task(batches.submit(None, [2 * i]))
+            await asyncio.sleep(0)
+            started = time.monotonic()
+            assert await batches.submit(None, [2 * i + 1]) == [2 * i + 1]  # queued
+            waits.append(time.monotonic() - started)
+            assert await first == [2 * i]
+            await asyncio.sleep(linger_s)  # the callers think: nobody joins
+    finally:
+        turns.cancel()
+    assert max(waits) >= linger_s * 0.8  # the first one lingered
+    assert statistics.median(waits) < linger_s / 2  # then no more
