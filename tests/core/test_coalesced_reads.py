@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
@@ -123,6 +124,13 @@ async def test_batches_run_at_most_their_bound_at_once_and_answer_everyone(in_fl
     assert max(sizes) <= 8 and len(sizes) < 60  # shared, and cut at max_batch
 
 
+async def slow_turns(seconds: float) -> None:
+    """Makes every turn of the event loop take `seconds`, until cancelled."""
+    while True:
+        time.sleep(seconds)  # noqa: ASYNC251 (a slow turn, on purpose)
+        await asyncio.sleep(0)
+
+
 async def test_queued_reads_gather_the_calls_that_arrive_over_the_next_turns():
     """A quick query returns before the calls that follow have all arrived:
     the batch after it lingers (yielding to the loop) so that those arriving
@@ -181,7 +189,6 @@ async def test_lingering_ends_at_its_time_bound():
     """On a loop whose turns are slow, a lingering batch still starts once
     linger_s have passed since the batch before it started, long before its
     turn limit."""
-    import time
 
     from server.coalesce import LINGER_TURNS, Batches
 
@@ -192,12 +199,7 @@ async def test_lingering_ends_at_its_time_bound():
         await asyncio.sleep(0)
         return list(items)
 
-    async def busy_loop() -> None:  # every turn of the loop takes 5 ms
-        while True:
-            time.sleep(0.005)  # noqa: ASYNC251 (a slow turn, on purpose)
-            await asyncio.sleep(0)
-
-    busy = asyncio.create_task(busy_loop())
+    busy = asyncio.create_task(slow_turns(0.005))
     try:
         batches = Batches(run, max_batch=1000, linger_s=0.02)
         first = asyncio.create_task(batches.submit(None, [1]))
@@ -215,7 +217,6 @@ async def test_lingering_stops_while_nobody_joins_the_lingering_batches():
     only one to come, so lingering would only delay it. After a lingering
     batch that nobody joined, only every LINGER_PROBE-th batch lingers."""
     import statistics
-    import time
 
     from server.coalesce import Batches
 
@@ -223,15 +224,10 @@ async def test_lingering_stops_while_nobody_joins_the_lingering_batches():
         await asyncio.sleep(0)
         return list(items)
 
-    async def slow_turns() -> None:  # every turn of the loop takes 2 ms
-        while True:
-            time.sleep(0.002)  # noqa: ASYNC251 (a slow turn, on purpose)
-            await asyncio.sleep(0)
-
     linger_s = 0.05  # far above a turn: a lingering batch is plain to see
     batches = Batches(run, max_batch=1000, linger_s=linger_s)
     waits = []
-    turns = asyncio.create_task(slow_turns())
+    turns = asyncio.create_task(slow_turns(0.002))
     try:
         for i in range(12):
             first = asyncio.create_task(batches.submit(None, [2 * i]))
