@@ -63,7 +63,9 @@ SEARCH_SIMILAR = "/observatory.v1.VectorService/SearchSimilar"
 TOP_K = 10
 EF_SEARCHES = (40, 100)
 CLIENTS = (1, 8)
-RECALL_TARGET = 0.95
+RECALL_TARGET = 0.95  # issue 15: recall@10 at default settings
+# The service's ef_search when a search names none (the recall target's setting).
+DEFAULT_EF_SEARCH = 40
 THROUGHPUT_TARGET = 0.5
 # UpsertItems against one raw binary COPY into the same collection storage.
 LOAD_TARGET = 0.8
@@ -1093,7 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for ef_search, value in results.recall.items():
         target = (
             f">= {RECALL_TARGET}: {'met' if value >= RECALL_TARGET else 'NOT met'}"
-            if ef_search == 100
+            if ef_search == DEFAULT_EF_SEARCH
             else "-"
         )
         recall_lines.append(f"| {ef_search} | {value:.3f} | {target} |")
