@@ -85,7 +85,7 @@ class Batches(Generic[G, T, R]):
         self._max_in_flight = max_in_flight
         self._linger_s = linger_s
         self._joining = float(LINGER_WORTH)  # see _linger
-        self._batches_run = 0
+        self._chances = 0  # batches that could have lingered
         self._in_flight: dict[G, int] = {}
         self._waiting: dict[G, list[tuple[T, asyncio.Future[R]]]] = {}
         self._drainers: set[asyncio.Task[None]] = set()
@@ -99,7 +99,12 @@ class Batches(Generic[G, T, R]):
             return await self._run_all(group, items)
         running = self._in_flight.get(group, 0)
         if running >= self._max_in_flight:
-            return await _answers(self._enqueue(group, items))
+            loop = asyncio.get_running_loop()
+            futures = [loop.create_future() for _ in items]
+            self._waiting.setdefault(group, []).extend(zip(items, futures, strict=True))
+            if len(futures) == 1:
+                return [await futures[0]]
+            return list(await asyncio.gather(*futures))
         self._in_flight[group] = running + 1
         started = time.monotonic()
         try:
@@ -117,25 +122,15 @@ class Batches(Generic[G, T, R]):
             results.extend(answered)
         return results
 
-    def _enqueue(self, group: G, items: Sequence[T]) -> list[asyncio.Future[R]]:
-        """`items` queued for a batch that _drain runs; their answers to come."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
-        self._waiting.setdefault(group, []).extend(zip(items, futures, strict=True))
-        return futures
-
     def _hand_over(self, group: G, started: float) -> None:
         """After a batch (run since `started`): its slot runs the work that
         queued meanwhile, or is freed."""
         if self._waiting.get(group):
-            self._start_drain(group, started)
+            task = asyncio.get_running_loop().create_task(self._drain(group, started))
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
         else:
             self._release(group)
-
-    def _start_drain(self, group: G, since: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._drain(group, since))
-        self._drainers.add(task)
-        task.add_done_callback(self._drainers.discard)
 
     async def _linger(self, group: G, since: float) -> None:
         """Before a batch of work that queued behind the one in flight: yields
@@ -152,17 +147,19 @@ class Batches(Generic[G, T, R]):
         deadline = since + self._linger_s
         if time.monotonic() >= deadline:
             return
-        self._batches_run += 1
-        if self._joining < LINGER_WORTH and self._batches_run % LINGER_PROBE:
-            return
         enough = min(LINGER_KEYS, self._max_batch)
         queued = len(self._waiting.get(group, ()))
+        if queued >= enough:
+            return
+        self._chances += 1
+        if self._joining < LINGER_WORTH and self._chances % LINGER_PROBE:
+            return
         waiting = queued
         for _ in range(LINGER_TURNS):
-            if waiting >= enough or time.monotonic() >= deadline:
-                break
             await asyncio.sleep(0)
             waiting = len(self._waiting.get(group, ()))
+            if waiting >= enough or time.monotonic() >= deadline:
+                break
         self._joining += (waiting - queued - self._joining) / 4
 
     def _release(self, group: G) -> None:
@@ -207,12 +204,6 @@ class Batches(Generic[G, T, R]):
                 for _, future in self._waiting.pop(group, []):
                     future.cancel()
             self._release(group)
-
-
-async def _answers(futures: list[asyncio.Future[R]]) -> list[R]:
-    if len(futures) == 1:
-        return [await futures[0]]
-    return list(await asyncio.gather(*futures))
 
 
 # Runs on `uow.driver` only (the unit is a Database.driver_read()).
