@@ -181,7 +181,17 @@ class _Method:
 class _Call:
     """Per-RPC bookkeeping for the access log, the metrics and the span."""
 
-    __slots__ = ("code", "method", "received", "request_id", "sent", "span", "started", "user")
+    __slots__ = (
+        "code",
+        "finished",
+        "method",
+        "received",
+        "request_id",
+        "sent",
+        "span",
+        "started",
+        "user",
+    )
 
     def __init__(self, method: _Method, request_id: str) -> None:
         self.method = method
@@ -192,6 +202,7 @@ class _Call:
         self.received = 0
         self.sent = 0
         self.span: tracing.ServerSpan | None = None
+        self.finished = False  # counted out, metrics and log line written
 
 
 class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
@@ -251,8 +262,15 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         return caller
 
     async def _fail(
-        self, exc: BaseException, call: _Call, context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        exc: BaseException,
+        call: _Call,
+        context: grpc.aio.ServicerContext[Any, Any],
+        finish: Callable[[], None],
     ) -> None:
+        """Sends `exc` as the call's status, after `finish` has counted the
+        call out, released its limits and written its metrics and log line:
+        a client that has its answer finds them done."""
         error = as_observatory_error(exc)
         if error is None:
             log.exception(
@@ -263,6 +281,7 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
                 call.span.record_exception(exc)
         call.code = error.code
         status = to_status(error, call.request_id)
+        finish()
         await context.abort(status.code, status.details, status.trailing_metadata)
 
     def _finish(self, call: _Call, context: grpc.aio.ServicerContext[Any, Any]) -> None:
@@ -314,6 +333,18 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             call, metadata = self._start(method, context)
             counted = admission.enter_rpc()  # a call takes its place as it arrives
             release = _nothing
+
+            def finish() -> None:
+                nonlocal release
+                release()
+                release = _nothing
+                if call.finished:
+                    return
+                call.finished = True
+                if counted:
+                    admission.leave_rpc()
+                self._finish(call, context)
+
             try:
                 caller = self._authenticate(call, metadata)
                 release = admission.admit(method.name, method.streaming, caller, counted)
@@ -324,12 +355,9 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await self._fail(exc, call, context)
+                await self._fail(exc, call, context, finish)
             finally:
-                release()
-                if counted:
-                    admission.leave_rpc()
-                self._finish(call, context)
+                finish()
 
         return handle
 
@@ -344,6 +372,18 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             call, metadata = self._start(method, context)
             counted = admission.enter_rpc()  # a call takes its place as it arrives
             release = _nothing
+
+            def finish() -> None:
+                nonlocal release
+                release()
+                release = _nothing
+                if call.finished:
+                    return
+                call.finished = True
+                if counted:
+                    admission.leave_rpc()
+                self._finish(call, context)
+
             try:
                 caller = self._authenticate(call, metadata)
                 release = admission.admit(method.name, method.streaming, caller, counted)
@@ -354,12 +394,9 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
-                await self._fail(exc, call, context)
+                await self._fail(exc, call, context, finish)
             finally:
-                release()
-                if counted:
-                    admission.leave_rpc()
-                self._finish(call, context)
+                finish()
 
         return handle
 
