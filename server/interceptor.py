@@ -181,17 +181,7 @@ class _Method:
 class _Call:
     """Per-RPC bookkeeping for the access log, the metrics and the span."""
 
-    __slots__ = (
-        "code",
-        "finished",
-        "method",
-        "received",
-        "request_id",
-        "sent",
-        "span",
-        "started",
-        "user",
-    )
+    __slots__ = ("code", "method", "received", "request_id", "sent", "span", "started", "user")
 
     def __init__(self, method: _Method, request_id: str) -> None:
         self.method = method
@@ -202,7 +192,6 @@ class _Call:
         self.received = 0
         self.sent = 0
         self.span: tracing.ServerSpan | None = None
-        self.finished = False  # counted out, metrics and log line written
 
 
 class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
@@ -332,22 +321,10 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         async def handle(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             call, metadata = self._start(method, context)
             counted = admission.enter_rpc()  # a call takes its place as it arrives
-            release = _nothing
-
-            def finish() -> None:
-                nonlocal release
-                release()
-                release = _nothing
-                if call.finished:
-                    return
-                call.finished = True
-                if counted:
-                    admission.leave_rpc()
-                self._finish(call, context)
-
+            end = _Ending(self._finish, call, context, admission.leave_rpc if counted else _nothing)
             try:
                 caller = self._authenticate(call, metadata)
-                release = admission.admit(method.name, method.streaming, caller, counted)
+                end.release = admission.admit(method.name, method.streaming, caller, counted)
                 response = await behaviour(requests(raw, call), context)
                 _send_lsn(context)
                 call.sent = 1
@@ -355,9 +332,9 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:
-                await self._fail(exc, call, context, finish)
+                await self._fail(exc, call, context, end)
             finally:
-                finish()
+                end()
 
         return handle
 
@@ -371,22 +348,10 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
         ) -> AsyncIterator[Any]:
             call, metadata = self._start(method, context)
             counted = admission.enter_rpc()  # a call takes its place as it arrives
-            release = _nothing
-
-            def finish() -> None:
-                nonlocal release
-                release()
-                release = _nothing
-                if call.finished:
-                    return
-                call.finished = True
-                if counted:
-                    admission.leave_rpc()
-                self._finish(call, context)
-
+            end = _Ending(self._finish, call, context, admission.leave_rpc if counted else _nothing)
             try:
                 caller = self._authenticate(call, metadata)
-                release = admission.admit(method.name, method.streaming, caller, counted)
+                end.release = admission.admit(method.name, method.streaming, caller, counted)
                 async for response in behaviour(requests(raw, call), context):
                     call.sent += 1
                     yield response
@@ -394,15 +359,46 @@ class ObservatoryInterceptor(grpc.aio.ServerInterceptor):
             except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                 raise
             except Exception as exc:
-                await self._fail(exc, call, context, finish)
+                await self._fail(exc, call, context, end)
             finally:
-                finish()
+                end()
 
         return handle
 
 
 def _nothing() -> None:
     pass
+
+
+class _Ending:
+    """What ends a call, once, whichever comes first: before an error status
+    is sent (ObservatoryInterceptor._fail), or when the handler returns. Its
+    stream slot is released, the call counted out of the worker's calls
+    (`leave`), and its metrics, span and log line written (`write`)."""
+
+    __slots__ = ("_call", "_context", "_leave", "_write", "release")
+
+    def __init__(
+        self,
+        write: Callable[[_Call, grpc.aio.ServicerContext[Any, Any]], None],
+        call: _Call,
+        context: grpc.aio.ServicerContext[Any, Any],
+        leave: Callable[[], None],
+    ) -> None:
+        self._write: Callable[[_Call, grpc.aio.ServicerContext[Any, Any]], None] | None = write
+        self._call = call
+        self._context = context
+        self._leave = leave
+        self.release: Callable[[], None] = _nothing  # set once admitted
+
+    def __call__(self) -> None:
+        write = self._write
+        if write is None:
+            return
+        self._write = None
+        self.release()
+        self._leave()
+        write(self._call, self._context)
 
 
 class _AdmitAll:
