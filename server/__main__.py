@@ -17,7 +17,7 @@ from server.auth import ADMIN, USER, issue_token
 from server.embedded import EmbeddedPostgres
 from server.ops import backup, demo, multiprocess
 from server.settings import ConfigurationError, Settings
-from server.workers import run_forked
+from server.workers import run_forked, settle_heap
 
 log = logging.getLogger("observatory")
 
@@ -34,6 +34,7 @@ async def _serve_worker(settings: Settings, database_url: str) -> None:
     from server.app import create_server  # imported here: no gRPC object before forking
 
     app = await create_server(settings, database_url)
+    settle_heap()
     log.info("serving", extra={"listen": settings.listen, "port": app.port, "pid": os.getpid()})
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
