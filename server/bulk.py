@@ -133,9 +133,10 @@ class Batcher(Generic[R]):
         self.received = 0
         self._batch: Batch[R] = Batch(0, -1)
 
-    def add(self, element: Element, record: R | None) -> Batch[R] | None:
+    def add(self, element: Element, record: R | None, size: int | None = None) -> Batch[R] | None:
         """Adds the stream's next element, with its record (None: validation
-        refused it); returns the batch it completed, if any."""
+        refused it) and, when the caller knows it, its encoded size; returns
+        the batch it completed, if any."""
         index = self.received
         self.received += 1
         batch = self._batch
@@ -148,7 +149,7 @@ class Batcher(Generic[R]):
             return None
         batch.records.append(record)
         batch.indices.append(index)
-        batch.size += element.ByteSize()
+        batch.size += element.ByteSize() if size is None else size
         if len(batch.records) >= self._rows or batch.size >= self._bytes:
             return self._cut()
         return None

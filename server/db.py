@@ -154,6 +154,9 @@ _UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300", "53400"}
 _BAD_INPUT_CLASSES = ("22", "54")
 
 
+UNIQUE_VIOLATION = "23505"
+
+
 def sqlstate(exc: BaseException) -> str | None:
     """The SQLSTATE of a driver error, also when SQLAlchemy wrapped it."""
     for candidate in (exc, getattr(exc, "orig", None), exc.__cause__):
@@ -198,7 +201,7 @@ def classify_database_error(exc: BaseException) -> errors.ObservatoryError | Non
             return errors.DeadlineExceeded("the statement was cancelled")
         if code == "25P03":
             return errors.Aborted("the transaction stayed idle too long and was ended; retry it")
-        if code == "23505":
+        if code == UNIQUE_VIOLATION:
             return errors.AlreadyExists("a row with the same unique key already exists")
         if code.startswith(_BAD_INPUT_CLASSES):
             return _bad_input(code, exc)

@@ -56,14 +56,13 @@ from server.audit import AuditRepository
 from server.auth import Principal
 from server.content import convert
 from server.content.repository import ContentRepository
-from server.db import sqlstate
+from server.db import UNIQUE_VIOLATION, sqlstate
 from server.protoconv import parse_uuid
 from server.uow import Database, UnitOfWork
 
 METHOD = "IngestContent"
 # The method recorded with each batch's own key.
 BATCH_METHOD = "IngestContent.batch"
-_UNIQUE_VIOLATION = "23505"
 # Rows converted between two turns of the event loop (a few milliseconds).
 YIELD_EVERY_ROWS = 64
 _AT = {column: i for i, column in enumerate(convert.INSERT_COLUMNS)}
@@ -199,7 +198,7 @@ class Ingest:
             except Exception as exc:
                 if not bulk.is_row_error(exc):
                     raise
-                if sqlstate(exc) == _UNIQUE_VIOLATION:
+                if sqlstate(exc) == UNIQUE_VIOLATION:
                     self._copy_first = False
         await repo.create_staging()
         await repo.stage([(*record, i) for record, i in zip(records, indices, strict=True)])

@@ -14,9 +14,10 @@ later in the stream commits later (it wins, as in one statement).
 Each batch holds the collection's row key-share locked (a concurrent
 DeleteCollection waits for it; a collection deleted meanwhile fails the
 stream with NOT_FOUND, one re-created under the same name with ABORTED).
-A batch of distinct ids that the collection does not hold yet is COPYed
-straight into the collection's partition; any other batch, or one whose
-COPY the database refused, goes through a staging table and one INSERT ...
+A batch of distinct ids is COPYed straight into the collection's partition
+(once a COPY of the stream met an id the collection held, only a batch that
+a look-up finds holds none of its ids); any other batch, or one whose COPY
+the database refused, goes through a staging table and one INSERT ...
 ON CONFLICT DO UPDATE (the last of repeated ids wins), where a row the
 database refuses is found by halving the batch, reported and skipped
 (server.bulk.move_in_halves). Items whose content_id is not one of the
@@ -45,6 +46,7 @@ from server import bulk, errors
 from server.audit import AuditRepository
 from server.auth import Principal
 from server.content.repository import ContentRepository
+from server.db import UNIQUE_VIOLATION, sqlstate
 from server.uow import Database, UnitOfWork
 from server.vectors import convert
 from server.vectors.repository import CollectionRepository, CollectionSpec
@@ -71,6 +73,7 @@ class Upsert:
         self._spec = spec
         self._errors = bulk.ItemErrors()
         self._upserted = 0
+        self._overwrites = False  # a COPY of this stream met an id already held
 
     async def run(
         self,
@@ -106,7 +109,9 @@ class Upsert:
                 # flight (and other calls) run now and then.
                 await asyncio.sleep(0)
             chunk = items[start : start + CONVERT_ITEMS]
-            for item, outcome in zip(chunk, convert.item_records(chunk, self._spec), strict=True):
+            outcomes = convert.item_records(chunk, self._spec)
+            sizes = message.sizes[start : start + CONVERT_ITEMS]
+            for item, outcome, size in zip(chunk, outcomes, sizes, strict=True):
                 record: Record | None
                 if isinstance(outcome, errors.InvalidArgument):
                     self._errors.add(
@@ -115,7 +120,7 @@ class Upsert:
                     record = None
                 else:
                     record = outcome
-                batch = batcher.add(item, record)
+                batch = batcher.add(item, record, size)
                 if batch is not None:
                     await _put(pipeline, batch)
 
@@ -165,16 +170,21 @@ class Upsert:
         spec = self._spec
         ids = [record[_ID] for record in records]
         repeated = len(set(ids)) < len(ids)
-        if not repeated and not await repo.holds_any(spec, ids):
+        # A stream of new items (a load) COPYs without looking first. Once a
+        # COPY met an id the collection held, this stream's later batches
+        # look first (one primary-key probe per id) and go to staging when
+        # they hold one: a re-sent stream wastes one COPY, not one per batch.
+        if not repeated and not (self._overwrites and await repo.holds_any(spec, ids)):
             try:
                 async with uow.savepoint():
                     await repo.copy_items(spec, records)
                 return
             except Exception as exc:
-                # Another stream wrote one of the ids meanwhile (a unique
-                # violation), or the database refused a row: the staging path.
+                # The collection holds one of the ids (a unique violation),
+                # or the database refused a row: the staging path.
                 if not bulk.is_row_error(exc):
                     raise
+                self._overwrites = self._overwrites or sqlstate(exc) == UNIQUE_VIOLATION
         await repo.create_staging()
         await repo.stage([(i, *record) for record, i in zip(records, indices, strict=True)])
         await bulk.move_in_halves(

@@ -20,6 +20,7 @@ generated decoder does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import numpy as np
@@ -52,13 +53,14 @@ class WireItem(Protocol):
     def SerializeToString(self, *, deterministic: bool = ...) -> bytes: ...
 
 
-class WireRequest(Protocol):
-    """vector_pb2.UpsertItemsRequest whose items are WireItems."""
+@dataclass(frozen=True, slots=True)
+class WireRequest:
+    """An UpsertItemsRequest as decoded here: its items are WireItems, and
+    `sizes` holds each item's encoded size (what a batch's byte budget counts)."""
 
     collection: str
-
-    @property
-    def items(self) -> Sequence[WireItem]: ...
+    items: Sequence[WireItem]
+    sizes: Sequence[int]
 
 
 def _message_classes() -> tuple[type[Message], type[Message]]:
@@ -104,25 +106,32 @@ _ITEM_WIRE, _REQUEST_WIRE = _message_classes()
 def decode_upsert_items(raw: bytes) -> WireRequest:
     """`raw` (an UpsertItemsRequest) as a WireRequest; see the module's docstring."""
     message: Any = _REQUEST_WIRE.FromString(raw)
-    if not _exact(message, len(raw)):
+    items = message.items
+    sizes = _exact_sizes(message, len(raw))
+    if sizes is None:
         real = vector_pb2.UpsertItemsRequest.FromString(raw)
-        for wire_item, item in zip(message.items, real.items, strict=True):
+        for wire_item, item in zip(items, real.items, strict=True):
             wire_item.vector = np.asarray(item.vector, "<f4").tobytes()
-    return cast(WireRequest, message)
+        sizes = [item.ByteSize() for item in items]
+    return WireRequest(message.collection, cast(Sequence[WireItem], items), sizes)
 
 
-def _exact(message: Any, encoded: int) -> bool:
-    """Whether `message`, decoded from `encoded` bytes, holds everything they
-    said: with its unknown fields dropped, its fields add up to all of them
-    (a field dropped as a repeat, or an unknown one, makes them fall short).
-    Sized item by item: the whole message's ByteSize costs four times as much."""
+def _exact_sizes(message: Any, encoded: int) -> list[int] | None:
+    """Each item's encoded size when `message`, decoded from `encoded` bytes,
+    holds everything they said, else None: with its unknown fields dropped,
+    its fields add up to all of them (a field dropped as a repeat, or an
+    unknown one, makes them fall short). Sized item by item: the whole
+    message's ByteSize costs four times as much."""
     message.DiscardUnknownFields()
-    size = _field_size(len(message.collection.encode()))
+    total = _field_size(len(message.collection.encode()))
+    sizes = []
     for item in message.items:
         if len(item.vector) % 4:
-            return False
-        size += _field_size(item.ByteSize())
-    return size == encoded
+            return None
+        size = item.ByteSize()
+        sizes.append(size)
+        total += _field_size(size)
+    return sizes if total == encoded else None
 
 
 def _field_size(payload: int) -> int:

@@ -81,6 +81,8 @@ def test_every_encoding_decodes_as_the_generated_decoder_reads_it(encoding):
     wire = decode_upsert_items(raw)
     assert wire.collection == real.collection == "col"
     assert len(wire.items) == len(real.items) == 2
+    # What a batch's byte budget counts: each item's encoded size.
+    assert list(wire.sizes) == [item.ByteSize() for item in wire.items]
     for got, want in zip(wire.items, real.items, strict=True):
         assert np.frombuffer(got.vector, "<f4").tolist() == list(want.vector)
         assert (got.id, got.text, got.url, got.content_id) == (
