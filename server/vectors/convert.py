@@ -239,14 +239,16 @@ def _item_vectors(
         else f"has {len(vector) // 4} values; the collection's dimension is {dimension}"
         for vector in raw
     ]
-    matrix = np.zeros((len(items), dimension), np.float32)
     sized = [i for i, problem in enumerate(problems) if problem is None]
-    if len(sized) == len(items):
-        matrix[:] = np.frombuffer(b"".join(raw), "<f4").reshape(matrix.shape)
-    elif sized:
-        matrix[sized] = np.frombuffer(b"".join(raw[i] for i in sized), "<f4").reshape(
-            len(sized), dimension
-        )
+    matrix: np.ndarray[Any, Any]
+    if len(sized) == len(items):  # the usual message: one read-only view, no copy
+        matrix = np.frombuffer(b"".join(raw), "<f4").reshape(len(items), dimension)
+    else:
+        matrix = np.zeros((len(items), dimension), np.float32)
+        if sized:
+            matrix[sized] = np.frombuffer(b"".join(raw[i] for i in sized), "<f4").reshape(
+                len(sized), dimension
+            )
     with np.errstate(over="ignore", invalid="ignore"):
         finite = np.logical_and.reduce(np.isfinite(matrix), axis=1)
         # Each value fits a float32 but their norm may not: every distance to
