@@ -12,7 +12,8 @@ request (so the responses have the same serialized size): a Content for
 ContentService.GetContent, a ListContentResponse for ListContent, an Actor for
 ActorService.ResolveActor, a Balance for CreditService.GetBalance, and a
 SearchSimilarBatchResponse whose first result's hits VectorService.SearchSimilar
-streams, one message per hit (as the service does). A service
+streams, one message per hit (as the service does), and which
+VectorService.SearchSimilarBatch answers whole. A service
 whose answer is not given is not served. It also serves grpc.health.v1 so the
 bench can wait for it the same way. `--event-loop` runs the worker on uvloop
 or on asyncio's own loop (the default), as OBSERVATORY_EVENT_LOOP does for the
@@ -87,7 +88,13 @@ class ConstantBalance(credit_pb2_grpc.CreditServiceServicer):
 
 class ConstantHits(vector_pb2_grpc.VectorServiceServicer):
     def __init__(self, hits: vector_pb2.SearchSimilarBatchResponse) -> None:
+        self._batch = hits
         self._hits = list(hits.results[0].hits)
+
+    async def SearchSimilarBatch(
+        self, request: vector_pb2.SearchSimilarBatchRequest, context: Any
+    ) -> vector_pb2.SearchSimilarBatchResponse:
+        return self._batch
 
     async def SearchSimilar(
         self, request: vector_pb2.SearchSimilarRequest, context: Any

