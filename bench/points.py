@@ -623,11 +623,11 @@ class Bench:
             rows.append(
                 Row(
                     f"SearchSimilarBatch, 1 query per call, {SEARCH_STREAMS} streams, {loop}: "
-                    "the framework's ceiling (bare / raw)",
+                    "the framework's ceiling (bare, the same response and no database / raw)",
                     m(f"bare, SearchSimilarBatch, {loop}"),
                     m("raw, SearchSimilar"),
                     "queries/s",
-                    f"bare grpc.aio on {loop} answering the same response, no database",
+                    f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
                 )
             )
         if set(LOOPS) <= set(cfg.loops):
