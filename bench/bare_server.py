@@ -1,6 +1,7 @@
 """The framework's own ceiling: a bare grpc.aio server with the service's
 server options and worker count, no interceptor and no database, whose point
-reads and pages return constant messages.
+reads and pages return constant messages. Like the service's workers, it
+keeps its start-up heap out of the garbage collector's walks once started.
 
     python -m bench.bare_server --listen 127.0.0.1:PORT --workers N \
         --get get.bin [--list list.bin] [--resolve-actor actor.bin] \
@@ -117,6 +118,7 @@ class Answers:
 async def serve(listen: str, workers: int, answers: Answers) -> None:
     # (no gRPC server object before forking)
     from server.app import served_by_generic_handlers, server_options
+    from server.workers import settle_heap
 
     settings = Settings(OBSERVATORY_LISTEN=listen, OBSERVATORY_WORKERS=workers)
     server = grpc.aio.server(options=server_options(settings))
@@ -146,6 +148,7 @@ async def serve(listen: str, workers: int, answers: Answers) -> None:
     health_pb2_grpc.add_HealthServicer_to_server(health_aio.HealthServicer(), registry)
     server.add_insecure_port(listen)
     await server.start()
+    settle_heap()  # as each of the service's workers does once it is built
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
