@@ -498,56 +498,27 @@ class Bench:
 
             for round_ in range(1, cfg.rounds + 1):
                 say(f"round {round_} of {cfg.rounds}")
-                for method, path in METHODS.items():
+                runs = [(method, path, IN_FLIGHT) for method, path in METHODS.items()]
+                runs += [
+                    ("SearchSimilar", SEARCH, (1, SEARCH_STREAMS)),
+                    ("SearchSimilarBatch", SEARCH_BATCH, (1, SEARCH_STREAMS)),
+                ]
+                for method, path, (clients, streams) in runs:
                     for loop in cfg.loops:
                         child, port = ours[loop]
-                        label = f"ours, {method}, {loop}"
                         rate = self._ours_run(
-                            label, child, port, path, requests[method], round_, *IN_FLIGHT
-                        )
+                            f"ours, {method}, {loop}", child, port, path, requests[method],
+                            round_, clients, streams,
+                        )  # fmt: skip
                         child, port = bare[loop]
-                        with self._metered(f"bare, {method}, {loop}", child.pid, round_) as cores:
-                            result = self._h2load(port, path, requests[method], *IN_FLIGHT)
+                        label = f"bare, {method}, {loop}"
+                        with self._metered(label, child.pid, round_) as cores:
+                            result = self._h2load(port, path, requests[method], clients, streams)
                         child.check_alive()
-                        self.samples.add(f"bare, {method}, {loop}", result.rate, cores)
+                        self.samples.add(label, result.rate, cores)
                         say(
                             f"    {method} on {loop}: ours {rate:,.0f}/s, bare {result.rate:,.0f}/s"
                         )
-                for loop in cfg.loops:
-                    child, port = ours[loop]
-                    rate = self._ours_run(
-                        f"ours, SearchSimilar, {loop}", child, port, SEARCH,
-                        requests["SearchSimilar"], round_, 1, SEARCH_STREAMS,
-                    )  # fmt: skip
-                    child, port = bare[loop]
-                    label = f"bare, SearchSimilar, {loop}"
-                    with self._metered(label, child.pid, round_) as cores:
-                        result = self._h2load(
-                            port, SEARCH, requests["SearchSimilar"], 1, SEARCH_STREAMS
-                        )
-                    child.check_alive()
-                    self.samples.add(label, result.rate, cores)
-                    say(
-                        f"    SearchSimilar on {loop}: ours {rate:,.0f}/s, bare {result.rate:,.0f}/s"
-                    )
-                for loop in cfg.loops:
-                    child, port = ours[loop]
-                    rate = self._ours_run(
-                        f"ours, SearchSimilarBatch, {loop}", child, port, SEARCH_BATCH,
-                        requests["SearchSimilarBatch"], round_, 1, SEARCH_STREAMS,
-                    )  # fmt: skip
-                    child, port = bare[loop]
-                    label = f"bare, SearchSimilarBatch, {loop}"
-                    with self._metered(label, child.pid, round_) as cores:
-                        result = self._h2load(
-                            port, SEARCH_BATCH, requests["SearchSimilarBatch"], 1, SEARCH_STREAMS
-                        )
-                    child.check_alive()
-                    self.samples.add(label, result.rate, cores)
-                    say(
-                        f"    SearchSimilarBatch (1 query) on {loop}: ours {rate:,.0f}/s, "
-                        f"bare {result.rate:,.0f}/s"
-                    )
                 label = "raw, SearchSimilar"
                 with self._metered(label, 0, round_) as cores:
                     rate = await load.closed_loop(
