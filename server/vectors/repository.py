@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import lru_cache
+from operator import itemgetter
 from typing import Any
 
 import asyncpg
@@ -271,6 +272,9 @@ def binary_vectors(matrix: np.ndarray[Any, Any], precision: str) -> list[Vector 
     return [kind(flat[start : start + width].tobytes()) for start in range(0, rows * width, width)]
 
 
+_by_id = itemgetter(0)  # a STAGED_COLUMNS record's id
+
+
 _FIND_COLLECTION = PreparedStatement(
     select(vector_collections).where(
         vector_collections.c.owner_id == bindparam("owner_id"),
@@ -474,13 +478,16 @@ class CollectionRepository:
         return found
 
     async def copy_items(self, spec: CollectionSpec, records: Sequence[tuple[Any, ...]]) -> None:
-        """COPYs `records` (STAGED_COLUMNS) into the collection's partition, in
-        binary: the load's fastest path, for ids it does not hold yet."""
+        """COPYs `records` (STAGED_COLUMNS, distinct ids) into the collection's
+        partition, in binary: the load's fastest path, for ids it does not hold
+        yet. They go in by id in byte order (Python's order of str), as
+        `move_staged` writes: two writers of the same ids then wait for each
+        other in one order instead of deadlocking."""
         await with_vector_codecs(self._uow)
         collection, owner = spec.id, spec.owner_id
         await self._uow.driver.copy_records_to_table(
             f"vector_items_{spec.id.hex}",
-            records=[(collection, owner, *record) for record in records],
+            records=[(collection, owner, *record) for record in sorted(records, key=_by_id)],
             columns=("collection_id", "owner_id", *STAGED_COLUMNS),
         )
 
@@ -505,11 +512,16 @@ class CollectionRepository:
         """Upserts the staged rows with a stream index in [first, last] into the
         collection in one statement; returns how many rows were written. With
         `repeated_ids` the last of each id wins (one row may not be upserted
-        twice in one statement); without, the rows go in unsorted."""
+        twice in one statement). The rows go in by id in byte order, the order
+        `copy_items` writes in, so that concurrent writers of the same ids
+        take their locks in one order and wait for each other instead of
+        deadlocking."""
         columns = ", ".join(STAGED_COLUMNS)
         updates = ", ".join(f"{name} = excluded.{name}" for name in STAGED_COLUMNS[1:])
         distinct, order = (
-            ("DISTINCT ON (id) ", " ORDER BY id, stream_index DESC") if repeated_ids else ("", "")
+            ('DISTINCT ON (id COLLATE "C") ', ' ORDER BY id COLLATE "C", stream_index DESC')
+            if repeated_ids
+            else ("", ' ORDER BY id COLLATE "C"')
         )
         status = await self._uow.driver.execute(
             f"INSERT INTO {spec.partition} (collection_id, owner_id, {columns}) "
