@@ -305,6 +305,26 @@ def _driver_values(values: Mapping[str, Any]) -> dict[str, Any]:
     return {**values, "raw_metadata": json.dumps(values["raw_metadata"])}
 
 
+_PLATFORM_AT, _PLATFORM_ID_AT, _PUBLISHED_AT = (
+    INSERT_COLUMNS.index(column) for column in ("platform", "platform_id", "published_at")
+)
+
+
+def _natural_order(record: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An INSERT_COLUMNS record's place in the order rows of one owner are
+    written in: by platform, platform_id (byte order, NULL last) and
+    published_at, as ORDER BY platform COLLATE "C", platform_id COLLATE "C"
+    NULLS LAST, published_at sorts them. (UTF-8's byte order is the code
+    points' order, Python's for str.)"""
+    platform_id = record[_PLATFORM_ID_AT]
+    return (
+        record[_PLATFORM_AT],
+        platform_id is None,
+        platform_id or "",
+        record[_PUBLISHED_AT],
+    )
+
+
 class ContentRepository:
     def __init__(self, uow: UnitOfWork) -> None:
         self._conn = uow.conn
@@ -468,10 +488,14 @@ class ContentRepository:
         return found
 
     async def copy_in(self, records: Sequence[tuple[Any, ...]]) -> None:
-        """COPYs `records` (INSERT_COLUMNS order) straight into content, in
-        binary. The database refuses the whole COPY for any row it refuses,
-        a natural-key duplicate included."""
-        await self._driver.copy_records_to_table("content", records=records, columns=INSERT_COLUMNS)
+        """COPYs `records` (INSERT_COLUMNS order, one owner's) straight into
+        content, in binary. The database refuses the whole COPY for any row it
+        refuses, a natural-key duplicate included. The rows go in by natural
+        key, in the order `move_staged` writes: two writers of the same keys
+        then wait for each other in one order instead of deadlocking."""
+        await self._driver.copy_records_to_table(
+            "content", records=sorted(records, key=_natural_order), columns=INSERT_COLUMNS
+        )
 
     async def create_staging(self) -> None:
         """A session-private COPY target, dropped when the transaction ends. Each
@@ -512,6 +536,9 @@ class ContentRepository:
             "LEFT JOIN actor_presences p ON p.owner_id = s.owner_id "
             "AND p.platform = s.platform AND p.platform_user_id = s.author_platform_id "
             "WHERE s.stream_index BETWEEN $1 AND $2 "
+            # In copy_in's order (see _natural_order).
+            'ORDER BY s.platform COLLATE "C", s.platform_id COLLATE "C" NULLS LAST, '
+            "s.published_at "
             f"ON CONFLICT ({', '.join(CONTENT_NATURAL_KEY)}) DO NOTHING",
             first,
             last,
