@@ -64,13 +64,15 @@ def _resource(content_id: ColumnElement[Any]) -> ColumnElement[str]:
 _OWNER_SCOPE = bindparam("owner_scope", type_=UUID(as_uuid=True))
 _IN_SCOPE = or_(_OWNER_SCOPE.is_(None), content.c.owner_id == _OWNER_SCOPE)
 
-_BY_IDS = PreparedStatement(
-    select(*COLUMNS).where(content.c.id == any_(bindparam("ids", type_=_UUIDS)))
+# Rows by ID through content_by_ids (migration 0010): one plan per session
+# instead of one per execution, since an ID prunes no partition.
+_ROWS_BY_IDS = func.content_by_ids(bindparam("ids", type_=_UUIDS)).table_valued(
+    *(column.name for column in content.c), name="by_id"
 )
+_BY_IDS = PreparedStatement(select(*(_ROWS_BY_IDS.c[column.name] for column in COLUMNS)))
 _OWNED_IDS = PreparedStatement(
-    select(content.c.id).where(
-        content.c.id == any_(bindparam("ids", type_=_UUIDS)),
-        content.c.owner_id == bindparam("owner_id", type_=UUID(as_uuid=True)),
+    select(_ROWS_BY_IDS.c.id).where(
+        _ROWS_BY_IDS.c.owner_id == bindparam("owner_id", type_=UUID(as_uuid=True))
     )
 )
 _GET = select(*COLUMNS).where(content.c.id == _param("id"), _IN_SCOPE)
