@@ -255,21 +255,26 @@ def machine_facts() -> dict[str, str]:
 
 def _process_table() -> dict[int, tuple[int, float]]:
     """pid -> (parent pid, CPU seconds used so far), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
     table: dict[int, tuple[int, float]] = {}
     for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        # utime + stime, plus cutime + cstime: the children it has reaped
-        # (PostgreSQL backends that ended, for the postmaster).
-        used = sum(int(value) for value in fields[11:15])
-        table[int(entry.name)] = (int(fields[1]), used / ticks)
+        if entry.name.isdigit():
+            found = _process_stat(int(entry.name))
+            if found is not None:
+                table[int(entry.name)] = found
     return table
+
+
+def _process_stat(pid: int) -> tuple[int, float] | None:
+    """(parent pid, CPU seconds used so far) of `pid`, None once it is gone."""
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # utime + stime, plus cutime + cstime: the children it has reaped
+    # (PostgreSQL backends that ended, for the postmaster).
+    used = sum(int(value) for value in fields[11:15])
+    return int(fields[1]), used / os.sysconf("SC_CLK_TCK")
 
 
 def postmaster_pid() -> int | None:
@@ -291,6 +296,15 @@ class CpuMeter:
         import resource
 
         table = _process_table()
+        # The roots once more, read last: a child that ended (and was reaped)
+        # after the scan read its parent and before it reached the child
+        # would otherwise be in neither, and a run's CPU could come out
+        # negative; now it is in the parent's reaped children's time.
+        for pids in self.roots.values():
+            for pid in pids:
+                again = _process_stat(pid)
+                if again is not None:
+                    table[pid] = again
         children: dict[int, list[int]] = {}
         for pid, (parent, _cpu) in table.items():
             children.setdefault(parent, []).append(pid)
