@@ -46,6 +46,7 @@ from bench.env import (
     postmaster_pid,
     service_under_test,
     serving,
+    wait_serving,
 )
 from bench.report import Row, cpu_table, write_results
 from server import migrate
@@ -841,8 +842,29 @@ class Additions:
                 f"ours, batch of 1, {h2_label}", SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
             )
             raw_one_rate = await bench._metered(f"raw, {h2_label}", raw_one, 8)
+            thin_rate = await self._thin(sql, singles[0], body, f"thin, batch of 1, {h2_label}")
         finally:
             await pool.close()
+        self.results.rows.append(
+            Row(
+                f"SearchSimilarBatch, 1 query per call, {h2_label}: the framework and the "
+                "driver's ceiling (thin / raw)",
+                thin_rate,
+                raw_one_rate,
+                "queries/s",
+                "raw asyncpg, the same SELECT, the same query, 8 coroutines",
+            )
+        )
+        self.results.rows.append(
+            Row(
+                f"SearchSimilarBatch, 1 query per call, {h2_label}: ours / thin",
+                h2_rate,
+                thin_rate,
+                "queries/s",
+                "the thin server: grpc.aio + an asyncpg pool running the same SELECT, "
+                "one statement per call, nothing else",
+            )
+        )
         self.results.rows.append(
             Row(
                 f"SearchSimilarBatch, 1 query per call, top {TOP_K}, {h2_label}",
@@ -877,6 +899,53 @@ class Additions:
                 BATCH16_TARGET,
             )
         )
+
+    async def _thin(
+        self, sql: str, request: vector_pb2.SearchSimilarBatchRequest, body: Path, label: str
+    ) -> float:
+        """h2load's rate against the thin server (bench.bare_server --thin-search,
+        as many workers as the service) for the same body and streams as the
+        service's run; it must first answer `request` with the service's hits."""
+        bench = self.bench
+        port = free_port()
+        argv = [
+            sys.executable, "-m", "bench.bare_server", "--listen", f"127.0.0.1:{port}",
+            "--workers", str(bench.config.workers), "--thin-search", bench.url,
+            "--search-sql", sql, "--ef-search", str(EF_SEARCHES[0]),
+        ]  # fmt: skip
+        thin = Child("the thin server", argv, dict(os.environ), DATA_DIR / f"thin-{SUITE}.log")
+        thin.start()
+        try:
+            await wait_serving(thin, port)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                answer = await vector_pb2_grpc.VectorServiceStub(channel).SearchSimilarBatch(
+                    request
+                )
+            expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
+            if answer != expected:
+                raise RuntimeError("the thin server answers the search differently")
+            connections = max(1, min(bench.config.workers, BATCH_CLIENTS))
+            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
+            meter.start()
+            result = h2.run(
+                bench.h2load,
+                port=port,
+                method=SEARCH_SIMILAR_BATCH,
+                body=body,
+                token=bench.token,
+                duration=bench.config.duration,
+                warmup=bench.config.warmup,
+                clients=connections,
+                streams=BATCH_CLIENTS // connections,
+            )
+            self.results.cpu.append((label, result.rate, meter.stop()))
+            thin.check_alive()
+        finally:
+            thin.stop()
+        if result.failed + result.errored + result.timeouts or result.succeeded != result.done:
+            raise RuntimeError(f"h2load against the thin server:\n{result.output}")
+        say(f"    thin server {result.rate:,.0f}/s")
+        return result.rate
 
     async def chroma(self, data: np.ndarray, queries: np.ndarray, truth: list[set[int]]) -> None:
         python = await asyncio.to_thread(ensure_chroma)
