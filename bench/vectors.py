@@ -842,9 +842,30 @@ class Additions:
                 f"ours, batch of 1, {h2_label}", SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
             )
             raw_one_rate = await bench._metered(f"raw, {h2_label}", raw_one, 8)
-            thin_rate = await self._thin(sql, singles[0], body, f"thin, batch of 1, {h2_label}")
+            thin_rate, thin_clients_rate = await self._thin(
+                sql, singles, body, f"thin, batch of 1, {h2_label}", f"thin, batch of 1, {label}"
+            )
         finally:
             await pool.close()
+        self.results.rows.append(
+            Row(
+                f"SearchSimilarBatch, 1 query per call, {label}: the framework and the "
+                "driver's ceiling (thin / raw)",
+                thin_clients_rate,
+                raw_rate,
+                "queries/s",
+                "raw asyncpg, the same SELECT, one query per statement",
+            )
+        )
+        self.results.rows.append(
+            Row(
+                f"SearchSimilarBatch, 1 query per call, {label}: ours / thin",
+                self.one_rate,
+                thin_clients_rate,
+                "queries/s",
+                "the thin server, the same clients and queries",
+            )
+        )
         self.results.rows.append(
             Row(
                 f"SearchSimilarBatch, 1 query per call, {h2_label}: the framework and the "
@@ -901,11 +922,18 @@ class Additions:
         )
 
     async def _thin(
-        self, sql: str, request: vector_pb2.SearchSimilarBatchRequest, body: Path, label: str
-    ) -> float:
-        """h2load's rate against the thin server (bench.bare_server --thin-search,
-        as many workers as the service) for the same body and streams as the
-        service's run; it must first answer `request` with the service's hits."""
+        self,
+        sql: str,
+        singles: Sequence[vector_pb2.SearchSimilarBatchRequest],
+        body: Path,
+        h2_label: str,
+        label: str,
+    ) -> tuple[float, float]:
+        """The thin server's rates (bench.bare_server --thin-search, as many
+        workers as the service): h2load's for the same body and streams as the
+        service's run, then BATCH_CLIENTS grpc.aio clients' cycling through
+        `singles` as the service's clients did (a channel per worker). It must
+        first answer each of `singles` with the service's hits."""
         bench = self.bench
         port = free_port()
         argv = [
@@ -917,13 +945,18 @@ class Additions:
         thin.start()
         try:
             await wait_serving(thin, port)
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                answer = await vector_pb2_grpc.VectorServiceStub(channel).SearchSimilarBatch(
-                    request
+            channels = [
+                grpc.aio.insecure_channel(
+                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
                 )
-            expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
-            if answer != expected:
-                raise RuntimeError("the thin server answers the search differently")
+                for _ in range(max(1, bench.config.workers))
+            ]
+            stubs = [vector_pb2_grpc.VectorServiceStub(channel) for channel in channels]
+            for request in singles:
+                answer = await stubs[0].SearchSimilarBatch(request)
+                expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
+                if answer != expected:
+                    raise RuntimeError("the thin server answers a search differently")
             connections = max(1, min(bench.config.workers, BATCH_CLIENTS))
             meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
             meter.start()
@@ -938,14 +971,27 @@ class Additions:
                 clients=connections,
                 streams=BATCH_CLIENTS // connections,
             )
-            self.results.cpu.append((label, result.rate, meter.stop()))
+            self.results.cpu.append((h2_label, result.rate, meter.stop()))
+
+            async def one(i: int) -> None:
+                request = singles[i % len(singles)]
+                response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
+                assert len(response.results[0].hits) == TOP_K
+
+            meter.start()
+            clients_rate = await rate(
+                one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
+            )
+            self.results.cpu.append((label, clients_rate, meter.stop()))
             thin.check_alive()
+            for channel in channels:
+                await channel.close()
         finally:
             thin.stop()
         if result.failed + result.errored + result.timeouts or result.succeeded != result.done:
             raise RuntimeError(f"h2load against the thin server:\n{result.output}")
-        say(f"    thin server {result.rate:,.0f}/s")
-        return result.rate
+        say(f"    thin server: h2load {result.rate:,.0f}/s, clients {clients_rate:,.0f}/s")
+        return result.rate, clients_rate
 
     async def chroma(self, data: np.ndarray, queries: np.ndarray, truth: list[set[int]]) -> None:
         python = await asyncio.to_thread(ensure_chroma)
