@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,25 @@ async def serve(listen: str, workers: int, answers: Answers, thin: Thin | None =
     await server.stop(0)
     if pool is not None:
         await pool.close()
+
+
+def command(port: int, workers: int, event_loop: str = "asyncio") -> list[str]:
+    """The command line that runs this module on 127.0.0.1:`port`; add the
+    answers' flags (or thin_command's)."""
+    return [
+        sys.executable, "-m", "bench.bare_server", "--listen", f"127.0.0.1:{port}",
+        "--workers", str(workers), "--event-loop", event_loop,
+    ]  # fmt: skip
+
+
+def thin_command(
+    port: int, workers: int, dsn: str, sql: str, ef_search: int, event_loop: str = "asyncio"
+) -> list[str]:
+    """The command line of the thin server for `sql` on the database `dsn`."""
+    return [
+        *command(port, workers, event_loop),
+        "--thin-search", dsn, "--search-sql", sql, "--ef-search", str(ef_search),
+    ]  # fmt: skip
 
 
 def run_loop(event_loop: str, main: Coroutine[Any, Any, None]) -> None:

@@ -41,7 +41,7 @@ from observatory.v1 import (
 )
 from pgvector.asyncpg import register_vector
 
-from bench import actors, data, h2, load, profile
+from bench import actors, bare_server, data, h2, load, profile
 from bench.env import (
     DATA_DIR,
     RESULTS_DIR,
@@ -215,17 +215,7 @@ class Bench:
         )
 
     def _bare(self, loop: str, port: int) -> Child:
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.bare_server",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(self.config.workers),
-            "--event-loop",
-            loop,
-        ]
+        argv = bare_server.command(port, self.config.workers, loop)
         for method, flag in BARE_FLAGS.items():
             argv += [flag, str(self.files / f"{method}.resp")]
         argv += ["--search-similar", str(self.files / "SearchSimilar.resp")]
@@ -233,23 +223,7 @@ class Bench:
         return Child(f"the bare server ({loop})", argv, dict(os.environ), log)
 
     def _thin(self, loop: str, port: int, sql: str) -> Child:
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.bare_server",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(self.config.workers),
-            "--event-loop",
-            loop,
-            "--thin-search",
-            self.url,
-            "--search-sql",
-            sql,
-            "--ef-search",
-            str(EF_SEARCH),
-        ]
+        argv = bare_server.thin_command(port, self.config.workers, self.url, sql, EF_SEARCH, loop)
         log = DATA_DIR / f"thin-{SUITE}-{loop}.log"
         return Child(f"the thin server ({loop})", argv, dict(os.environ), log)
 

@@ -20,7 +20,7 @@ import asyncpg
 import grpc
 from observatory.v1 import content_pb2, content_pb2_grpc
 
-from bench import data, h2, load, profile
+from bench import bare_server, data, h2, load, profile
 from bench.data import INSERT_COLUMNS, SELECT_COLUMNS
 from bench.env import (
     DATA_DIR,
@@ -187,21 +187,10 @@ class Bench:
         )
 
     def _bare(self, port: int, get: Path, listing: Path) -> Child:
-        argv = [
-            sys.executable,
-            "-m",
-            "bench.bare_server",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--workers",
-            str(self.config.workers),
-            "--get",
-            str(get),
-            "--list",
-            str(listing),
-            "--event-loop",  # the service's (OBSERVATORY_EVENT_LOOP)
-            Settings(OBSERVATORY_JWT_SECRET=SECRET).event_loop,
-        ]
+        # On the service's event loop (OBSERVATORY_EVENT_LOOP).
+        event_loop = Settings(OBSERVATORY_JWT_SECRET=SECRET).event_loop
+        argv = bare_server.command(port, self.config.workers, event_loop)
+        argv += ["--get", str(get), "--list", str(listing)]
         return Child("the bare server", argv, dict(os.environ), DATA_DIR / "bare_server.log")
 
     # -- the run ----------------------------------------------------------------

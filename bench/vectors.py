@@ -30,7 +30,7 @@ import numpy as np
 from observatory.v1 import vector_pb2, vector_pb2_grpc
 from pgvector.asyncpg import register_vector
 
-from bench import h2, profile
+from bench import bare_server, h2, profile
 from bench.env import (
     DATA_DIR,
     RESULTS_DIR,
@@ -52,6 +52,7 @@ from bench.report import Row, cpu_table, write_results
 from server import migrate
 from server.auth import issue_token
 from server.embedded import EmbeddedPostgres
+from server.settings import Settings
 
 SUITE = "vectors"
 DATABASE = f"observatory_bench_{SUITE}"
@@ -644,13 +645,26 @@ class Bench:
         every call checked OK in the access log; the CPU each process group used
         meanwhile is recorded under `label`."""
         assert self.server is not None
-        connections = max(1, min(self.config.workers, streams))
         since = self.server.log_size()
-        meter = CpuMeter({"server": [self.server_pid], "postgres": [postmaster_pid() or 0]})
+        result = self.h2load_run(label, self.port, self.server_pid, method, body, streams)
+        statuses = access_log_statuses(self.server, since, method)
+        if set(statuses) != {"OK"} or sum(statuses.values()) < result.done:
+            raise RuntimeError(f"h2load: {dict(statuses)}\n{result.output}")
+        return result.rate
+
+    def h2load_run(
+        self, label: str, port: int, pid: int, method: str, body: Path, streams: int
+    ) -> h2.H2Result:
+        """h2load's run of `streams` calls of `body` in flight against the server
+        on `port` (on as many connections as it has workers, so each worker
+        gets its share), which must count no failure; the CPU each process
+        group (the server being `pid`) used meanwhile is recorded under `label`."""
+        connections = max(1, min(self.config.workers, streams))
+        meter = CpuMeter({"server": [pid], "postgres": [postmaster_pid() or 0]})
         meter.start()
         result = h2.run(
             self.h2load,
-            port=self.port,
+            port=port,
             method=method,
             body=body,
             token=self.token,
@@ -660,18 +674,11 @@ class Bench:
             streams=streams // connections,
         )
         self.results.cpu.append((label, result.rate, meter.stop()))
-        statuses = access_log_statuses(self.server, since, method)
         # (h2load may count one 2xx fewer than requests done: the last
         # stream's trailers arrive after its clock stopped.)
-        failures = result.failed + result.errored + result.timeouts
-        if (
-            failures
-            or result.succeeded != result.done
-            or set(statuses) != {"OK"}
-            or sum(statuses.values()) < result.done
-        ):
-            raise RuntimeError(f"h2load: {dict(statuses)}\n{result.output}")
-        return result.rate
+        if result.failed + result.errored + result.timeouts or result.succeeded != result.done:
+            raise RuntimeError(f"h2load saw failures:\n{result.output}")
+        return result
 
     async def _throughput_h2load(
         self, pool: asyncpg.Pool, applied: dict[int, int], sql: str, query: np.ndarray
@@ -936,11 +943,11 @@ class Additions:
         first answer each of `singles` with the service's hits."""
         bench = self.bench
         port = free_port()
-        argv = [
-            sys.executable, "-m", "bench.bare_server", "--listen", f"127.0.0.1:{port}",
-            "--workers", str(bench.config.workers), "--thin-search", bench.url,
-            "--search-sql", sql, "--ef-search", str(EF_SEARCHES[0]),
-        ]  # fmt: skip
+        # On the service's event loop (OBSERVATORY_EVENT_LOOP), as the service ran.
+        event_loop = Settings(OBSERVATORY_JWT_SECRET=SECRET).event_loop
+        argv = bare_server.thin_command(
+            port, bench.config.workers, bench.url, sql, EF_SEARCHES[0], event_loop
+        )
         thin = Child("the thin server", argv, dict(os.environ), DATA_DIR / f"thin-{SUITE}.log")
         thin.start()
         try:
@@ -957,27 +964,16 @@ class Additions:
                 expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
                 if answer != expected:
                     raise RuntimeError("the thin server answers a search differently")
-            connections = max(1, min(bench.config.workers, BATCH_CLIENTS))
-            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
-            meter.start()
-            result = h2.run(
-                bench.h2load,
-                port=port,
-                method=SEARCH_SIMILAR_BATCH,
-                body=body,
-                token=bench.token,
-                duration=bench.config.duration,
-                warmup=bench.config.warmup,
-                clients=connections,
-                streams=BATCH_CLIENTS // connections,
+            result = bench.h2load_run(
+                h2_label, port, thin.pid, SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
             )
-            self.results.cpu.append((h2_label, result.rate, meter.stop()))
 
             async def one(i: int) -> None:
                 request = singles[i % len(singles)]
                 response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
                 assert len(response.results[0].hits) == TOP_K
 
+            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
             meter.start()
             clients_rate = await rate(
                 one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
@@ -988,8 +984,6 @@ class Additions:
                 await channel.close()
         finally:
             thin.stop()
-        if result.failed + result.errored + result.timeouts or result.succeeded != result.done:
-            raise RuntimeError(f"h2load against the thin server:\n{result.output}")
         say(f"    thin server: h2load {result.rate:,.0f}/s, clients {clients_rate:,.0f}/s")
         return result.rate, clients_rate
 
