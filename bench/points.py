@@ -266,8 +266,11 @@ class Bench:
                 await conn.close()
             bare = {loop: (self._bare(loop, port := free_port()), port) for loop in cfg.loops}
             thin = {loop: (self._thin(loop, port := free_port(), sql), port) for loop in cfg.loops}
-            children = {**{f"bare {k}": v for k, v in bare.items()}}
-            children.update({f"thin {k}": v for k, v in thin.items()})
+            children = {
+                f"{kind} {loop}": child
+                for kind, servers in (("bare", bare), ("thin", thin))
+                for loop, child in servers.items()
+            }
             async with self._started(children):
                 await self._rounds(ours, bare, thin, requests, sql)
 

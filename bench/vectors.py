@@ -952,36 +952,39 @@ class Additions:
         thin.start()
         try:
             await wait_serving(thin, port)
-            channels = [
-                grpc.aio.insecure_channel(
-                    f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            async with contextlib.AsyncExitStack() as channels:
+                stubs = [
+                    vector_pb2_grpc.VectorServiceStub(
+                        await channels.enter_async_context(
+                            grpc.aio.insecure_channel(
+                                f"127.0.0.1:{port}",
+                                options=[("grpc.use_local_subchannel_pool", 1)],
+                            )
+                        )
+                    )
+                    for _ in range(max(1, bench.config.workers))
+                ]
+                for request in singles:
+                    answer = await stubs[0].SearchSimilarBatch(request)
+                    expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
+                    if answer != expected:
+                        raise RuntimeError("the thin server answers a search differently")
+                result = bench.h2load_run(
+                    h2_label, port, thin.pid, SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
                 )
-                for _ in range(max(1, bench.config.workers))
-            ]
-            stubs = [vector_pb2_grpc.VectorServiceStub(channel) for channel in channels]
-            for request in singles:
-                answer = await stubs[0].SearchSimilarBatch(request)
-                expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
-                if answer != expected:
-                    raise RuntimeError("the thin server answers a search differently")
-            result = bench.h2load_run(
-                h2_label, port, thin.pid, SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
-            )
 
-            async def one(i: int) -> None:
-                request = singles[i % len(singles)]
-                response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
-                assert len(response.results[0].hits) == TOP_K
+                async def one(i: int) -> None:
+                    request = singles[i % len(singles)]
+                    response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
+                    assert len(response.results[0].hits) == TOP_K
 
-            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
-            meter.start()
-            clients_rate = await rate(
-                one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
-            )
-            self.results.cpu.append((label, clients_rate, meter.stop()))
+                meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
+                meter.start()
+                clients_rate = await rate(
+                    one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
+                )
+                self.results.cpu.append((label, clients_rate, meter.stop()))
             thin.check_alive()
-            for channel in channels:
-                await channel.close()
         finally:
             thin.stop()
         say(f"    thin server: h2load {result.rate:,.0f}/s, clients {clients_rate:,.0f}/s")

@@ -4,7 +4,7 @@ content is partitioned by publication month and an ID says nothing of its
 row's month, so a look-up by ID reads every partition's primary key. As a
 prepared statement PostgreSQL re-plans it on every execution (its custom
 plans look cheaper than the generic one), and planning a scan of every
-partition with all their indexes is most of the work: 570-600 µs of
+partition with all their indexes is most of the work: 560-615 µs of
 PostgreSQL's CPU per look-up of three IDs over 15 partitions, against 95 µs
 with the generic plan (bench/README.md). The partitions reach a year ahead,
 and each month adds one, so the cost only grows.
