@@ -133,9 +133,10 @@ async def slow_turns(seconds: float) -> None:
 
 async def test_queued_reads_gather_the_calls_that_arrive_over_the_next_turns():
     """A quick query returns before the calls that follow have all arrived:
-    the batch after it lingers (yielding to the loop) so that those arriving
-    over the next turns share one query instead of one each."""
-    from server.coalesce import Batches
+    the batch after it lingers (yielding to the loop) while calls keep
+    arriving, so that they share one query instead of one each, up to
+    LINGER_KEYS; the calls that come after that share the next one."""
+    from server.coalesce import LINGER_KEYS, Batches
 
     batches_run: list[list[int]] = []
 
@@ -145,7 +146,7 @@ async def test_queued_reads_gather_the_calls_that_arrive_over_the_next_turns():
             await asyncio.sleep(0)
         return [item * item for item in items]
 
-    batches = Batches(run, max_batch=1000, linger_s=10.0)  # bounded by turns and keys here
+    batches = Batches(run, max_batch=1000, linger_s=10.0)  # bounded by arrivals and keys here
 
     async def arrive_one_per_turn(n: int) -> int:
         for _ in range(n):
@@ -153,13 +154,53 @@ async def test_queued_reads_gather_the_calls_that_arrive_over_the_next_turns():
         (answer,) = await batches.submit(None, [n])
         return answer
 
-    answers = await asyncio.gather(*(arrive_one_per_turn(n) for n in range(9)))
+    callers = LINGER_KEYS + 9
+    answers = await asyncio.gather(*(arrive_one_per_turn(n) for n in range(callers)))
 
-    assert answers == [n * n for n in range(9)]
-    # The first ran alone at once; the next 8 (LINGER_KEYS) waited for each
-    # other; without lingering they share a query only with those that
-    # arrived during the one before (below).
-    assert batches_run == [[0], list(range(1, 9))]
+    assert answers == [n * n for n in range(callers)]
+    # The first ran alone at once; the next LINGER_KEYS waited for each
+    # other, and the rest for each other; without lingering they share a
+    # query only with those that arrived during the one before (below).
+    assert batches_run == [
+        [0],
+        list(range(1, LINGER_KEYS + 1)),
+        list(range(LINGER_KEYS + 1, callers)),
+    ]
+
+
+async def test_lingering_ends_when_nobody_joins():
+    """Two callers, and the second queued behind the first: nobody else
+    comes, so its batch goes after LINGER_QUIET_TURNS quiet turns, long
+    before linger_s."""
+    from server.coalesce import LINGER_QUIET_TURNS, Batches
+
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    started: list[int] = []
+
+    async def run(_: None, items):
+        started.append(turns)
+        await asyncio.sleep(0)
+        return list(items)
+
+    counter = asyncio.create_task(count_turns())
+    try:
+        batches = Batches(run, max_batch=1000, linger_s=60.0)
+        first = asyncio.create_task(batches.submit(None, [1]))
+        await asyncio.sleep(0)
+        began = time.monotonic()
+        assert await batches.submit(None, [2]) == [2]  # queued behind the first
+        assert await first == [1]
+    finally:
+        counter.cancel()
+    assert time.monotonic() - began < 5.0
+    assert LINGER_QUIET_TURNS <= started[1] - started[0] <= LINGER_QUIET_TURNS + 5
 
 
 async def test_without_linger_the_queued_reads_do_not_wait_for_more():
@@ -187,29 +228,38 @@ async def test_without_linger_the_queued_reads_do_not_wait_for_more():
 
 async def test_lingering_ends_at_its_time_bound():
     """On a loop whose turns are slow, a lingering batch still starts once
-    linger_s have passed since the batch before it started, long before its
-    turn limit."""
+    linger_s have passed since the batch before it started, even while calls
+    keep joining it."""
 
-    from server.coalesce import LINGER_TURNS, Batches
+    from server.coalesce import LINGER_KEYS, Batches
 
     started: list[float] = []
+    sizes: list[int] = []
 
     async def run(_: None, items):
         started.append(time.monotonic())
-        await asyncio.sleep(0)
+        sizes.append(len(items))
+        for _ in range(2):  # back two turns later
+            await asyncio.sleep(0)
         return list(items)
 
+    joiners = LINGER_KEYS // 2  # one a turn, 5 ms apart: 80 ms of joining
     busy = asyncio.create_task(slow_turns(0.005))
     try:
         batches = Batches(run, max_batch=1000, linger_s=0.02)
-        first = asyncio.create_task(batches.submit(None, [1]))
-        await asyncio.sleep(0)
-        assert await batches.submit(None, [2]) == [2]  # queued behind the first
-        assert await first == [1]
+
+        async def arrive(n: int) -> list[int]:
+            for _ in range(n):
+                await asyncio.sleep(0)
+            return await batches.submit(None, [n])
+
+        answers = await asyncio.gather(*(arrive(n) for n in range(joiners)))
     finally:
         busy.cancel()
+    assert answers == [[n] for n in range(joiners)]
     waited = started[1] - started[0]
-    assert 0.02 <= waited < LINGER_TURNS * 0.005 / 2
+    assert 0.02 <= waited < 0.06
+    assert 1 < sizes[1] < joiners - 1  # it went without the calls still to come
 
 
 async def test_lingering_stops_while_nobody_joins_the_lingering_batches():
