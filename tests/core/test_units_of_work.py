@@ -232,3 +232,27 @@ async def test_writes_go_on_when_the_database_ends_the_wal_connection(units, db)
     assert units.wal_positions._conn is not conn
     async with units.read() as uow:
         assert await uow.driver.fetchval("SELECT count(*) FROM uow_probe") == 3
+
+
+async def test_a_unix_socket_connection_can_queue_a_bulk_batch(units):
+    """Pooled connections over a Unix-domain socket have the send buffer a
+    bulk COPY needs (server.db.UNIX_SEND_BUFFER_BYTES, within the kernel's
+    cap), so PostgreSQL keeps reading while the event loop converts the next
+    batch; the default 208 KiB starved an UpsertItems COPY."""
+    from socket import SO_SNDBUF, SOL_SOCKET
+
+    from server.db import UNIX_SEND_BUFFER_BYTES, unix_socket
+
+    async with units.driver_read() as uow:
+        sock = unix_socket(uow.driver)
+        if sock is None:
+            pytest.skip("the test database is reached over TCP (kernel autotuning applies)")
+        size = sock.getsockopt(SOL_SOCKET, SO_SNDBUF)
+    # Linux reports twice the size asked for (the rest is its bookkeeping).
+    assert size == 2 * min(UNIX_SEND_BUFFER_BYTES, _kernel_send_buffer_cap())
+
+
+def _kernel_send_buffer_cap() -> int:
+    from pathlib import Path
+
+    return int(Path("/proc/sys/net/core/wmem_max").read_text())
