@@ -560,6 +560,40 @@ class Bench:
             for channel in channels:
                 await channel.close()
 
+    @contextlib.asynccontextmanager
+    async def thin_server(
+        self, sql: str, ef_search: int
+    ) -> AsyncIterator[tuple[Child, int, list[vector_pb2_grpc.VectorServiceStub]]]:
+        """The thin server (bench.bare_server --thin-search) running `sql` at
+        `ef_search`, with as many workers as the service and on its event loop
+        (OBSERVATORY_EVENT_LOOP), as the service ran; yields it, its port and
+        one stub per worker, each over a connection of its own."""
+        port = free_port()
+        event_loop = Settings(OBSERVATORY_JWT_SECRET=SECRET).event_loop
+        argv = bare_server.thin_command(
+            port, self.config.workers, self.url, sql, ef_search, event_loop
+        )
+        thin = Child("the thin server", argv, dict(os.environ), DATA_DIR / f"thin-{SUITE}.log")
+        thin.start()
+        try:
+            await wait_serving(thin, port)
+            async with contextlib.AsyncExitStack() as channels:
+                stubs = [
+                    vector_pb2_grpc.VectorServiceStub(
+                        await channels.enter_async_context(
+                            grpc.aio.insecure_channel(
+                                f"127.0.0.1:{port}",
+                                options=[("grpc.use_local_subchannel_pool", 1)],
+                            )
+                        )
+                    )
+                    for _ in range(max(1, self.config.workers))
+                ]
+                yield thin, port, stubs
+            thin.check_alive()
+        finally:
+            thin.stop()
+
     async def _metered(
         self, label: str, one: Callable[[int], Awaitable[None]], clients: int
     ) -> float:
@@ -627,10 +661,12 @@ class Bench:
         ours_rate = await self._metered(f"ours, {label}", ours, clients)
         raw_rate = await self._metered(f"raw, {label}", raw, clients)
         say(f"    ours {ours_rate:,.0f}/s, raw {raw_rate:,.0f}/s")
+        name = f"SearchSimilar top {top_k}, ef_search {ef_search}, " + (
+            f"{clients} client{'s' if clients > 1 else ''}"
+        )
         self.results.rows.append(
             Row(
-                f"SearchSimilar top {top_k}, ef_search {ef_search}, "
-                f"{clients} client{'s' if clients > 1 else ''}",
+                name,
                 ours_rate,
                 raw_rate,
                 "queries/s",
@@ -638,6 +674,57 @@ class Bench:
                 THROUGHPUT_TARGET if top_k == TOP_K else None,
             )
         )
+        if top_k == TOP_K and clients == max(CLIENTS):
+            thin_rate = await self._thin_streamed(stubs[0], requests, sql, ef_search, clients)
+            self.results.rows.append(
+                Row(
+                    f"{name}: the framework and the driver's ceiling (thin / raw)",
+                    thin_rate,
+                    raw_rate,
+                    "queries/s",
+                    "raw asyncpg, same SQL and settings",
+                )
+            )
+            self.results.rows.append(
+                Row(
+                    f"{name}: ours / thin",
+                    ours_rate,
+                    thin_rate,
+                    "queries/s",
+                    "the thin server streaming the same hits, the same clients and queries",
+                )
+            )
+
+    async def _thin_streamed(
+        self,
+        stub: vector_pb2_grpc.VectorServiceStub,
+        requests: Sequence[vector_pb2.SearchSimilarRequest],
+        sql: str,
+        ef_search: int,
+        clients: int,
+    ) -> float:
+        """The thin server's rate for SearchSimilar (streamed) at `ef_search`,
+        `clients` grpc.aio clients cycling through `requests` as the service's
+        did (a channel per worker). It must first answer the first of them
+        with the service's hits."""
+        async with self.thin_server(sql, ef_search) as (thin, _, stubs):
+            for request in requests[:BATCH_CLIENTS]:
+                answer = [hit async for hit in stubs[0].SearchSimilar(request)]
+                if answer != await self._search(stub, request):
+                    raise RuntimeError("the thin server streams a search's hits differently")
+
+            async def one(i: int) -> None:
+                request = requests[i % len(requests)]
+                hits = [hit async for hit in stubs[i % len(stubs)].SearchSimilar(request)]
+                assert len(hits) == TOP_K
+
+            label = f"thin, top {TOP_K}, ef_search {ef_search}, {clients} client(s)"
+            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
+            meter.start()
+            measured = await rate(one, clients, self.config.warmup, self.config.duration)
+            self.results.cpu.append((label, measured, meter.stop()))
+        say(f"    thin server {measured:,.0f}/s")
+        return measured
 
     def h2load_rate(self, label: str, method: str, body: Path, streams: int) -> float:
         """h2load's rate for `streams` calls of `body` in flight (on as many
@@ -942,51 +1029,27 @@ class Additions:
         `singles` as the service's clients did (a channel per worker). It must
         first answer each of `singles` with the service's hits."""
         bench = self.bench
-        port = free_port()
-        # On the service's event loop (OBSERVATORY_EVENT_LOOP), as the service ran.
-        event_loop = Settings(OBSERVATORY_JWT_SECRET=SECRET).event_loop
-        argv = bare_server.thin_command(
-            port, bench.config.workers, bench.url, sql, EF_SEARCHES[0], event_loop
-        )
-        thin = Child("the thin server", argv, dict(os.environ), DATA_DIR / f"thin-{SUITE}.log")
-        thin.start()
-        try:
-            await wait_serving(thin, port)
-            async with contextlib.AsyncExitStack() as channels:
-                stubs = [
-                    vector_pb2_grpc.VectorServiceStub(
-                        await channels.enter_async_context(
-                            grpc.aio.insecure_channel(
-                                f"127.0.0.1:{port}",
-                                options=[("grpc.use_local_subchannel_pool", 1)],
-                            )
-                        )
-                    )
-                    for _ in range(max(1, bench.config.workers))
-                ]
-                for request in singles:
-                    answer = await stubs[0].SearchSimilarBatch(request)
-                    expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
-                    if answer != expected:
-                        raise RuntimeError("the thin server answers a search differently")
-                result = bench.h2load_run(
-                    h2_label, port, thin.pid, SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
-                )
+        async with bench.thin_server(sql, EF_SEARCHES[0]) as (thin, port, stubs):
+            for request in singles:
+                answer = await stubs[0].SearchSimilarBatch(request)
+                expected = await self.stub.SearchSimilarBatch(request, metadata=self.metadata)
+                if answer != expected:
+                    raise RuntimeError("the thin server answers a search differently")
+            result = bench.h2load_run(
+                h2_label, port, thin.pid, SEARCH_SIMILAR_BATCH, body, BATCH_CLIENTS
+            )
 
-                async def one(i: int) -> None:
-                    request = singles[i % len(singles)]
-                    response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
-                    assert len(response.results[0].hits) == TOP_K
+            async def one(i: int) -> None:
+                request = singles[i % len(singles)]
+                response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
+                assert len(response.results[0].hits) == TOP_K
 
-                meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
-                meter.start()
-                clients_rate = await rate(
-                    one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
-                )
-                self.results.cpu.append((label, clients_rate, meter.stop()))
-            thin.check_alive()
-        finally:
-            thin.stop()
+            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
+            meter.start()
+            clients_rate = await rate(
+                one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
+            )
+            self.results.cpu.append((label, clients_rate, meter.stop()))
         say(f"    thin server: h2load {result.rate:,.0f}/s, clients {clients_rate:,.0f}/s")
         return result.rate, clients_rate
 
