@@ -595,10 +595,15 @@ class Bench:
             thin.stop()
 
     async def _metered(
-        self, label: str, one: Callable[[int], Awaitable[None]], clients: int
+        self,
+        label: str,
+        one: Callable[[int], Awaitable[None]],
+        clients: int,
+        server_pid: int | None = None,
     ) -> float:
-        """rate(...), with the CPU each process group used meanwhile."""
-        roots = {"server": [self.server_pid], "postgres": [postmaster_pid() or 0]}
+        """rate(...), with the CPU each process group used meanwhile (the
+        server's: the service's, or the one `server_pid` names)."""
+        roots = {"server": [server_pid or self.server_pid], "postgres": [postmaster_pid() or 0]}
         meter = CpuMeter(roots)
         with contextlib.ExitStack() as stack:
             if self.config.profile and label.startswith("ours"):
@@ -719,10 +724,7 @@ class Bench:
                 assert len(hits) == TOP_K
 
             label = f"thin, top {TOP_K}, ef_search {ef_search}, {clients} client(s)"
-            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
-            meter.start()
-            measured = await rate(one, clients, self.config.warmup, self.config.duration)
-            self.results.cpu.append((label, measured, meter.stop()))
+            measured = await self._metered(label, one, clients, thin.pid)
         say(f"    thin server {measured:,.0f}/s")
         return measured
 
@@ -1044,12 +1046,7 @@ class Additions:
                 response = await stubs[i % len(stubs)].SearchSimilarBatch(request)
                 assert len(response.results[0].hits) == TOP_K
 
-            meter = CpuMeter({"server": [thin.pid], "postgres": [postmaster_pid() or 0]})
-            meter.start()
-            clients_rate = await rate(
-                one, BATCH_CLIENTS, bench.config.warmup, bench.config.duration
-            )
-            self.results.cpu.append((label, clients_rate, meter.stop()))
+            clients_rate = await bench._metered(label, one, BATCH_CLIENTS, thin.pid)
         say(f"    thin server: h2load {result.rate:,.0f}/s, clients {clients_rate:,.0f}/s")
         return result.rate, clients_rate
 
