@@ -710,8 +710,8 @@ class Bench:
     ) -> float:
         """The thin server's rate for SearchSimilar (streamed) at `ef_search`,
         `clients` grpc.aio clients cycling through `requests` as the service's
-        did (a channel per worker). It must first answer the first of them
-        with the service's hits."""
+        did (a channel per worker). It must first answer the first
+        BATCH_CLIENTS of them with the service's hits."""
         async with self.thin_server(sql, ef_search) as (thin, _, stubs):
             for request in requests[:BATCH_CLIENTS]:
                 answer = [hit async for hit in stubs[0].SearchSimilar(request)]
